@@ -1,0 +1,233 @@
+"""Bounds on ``log p(x)``, one small class each (paper Eq. 2, 6, 10, 14; SPEC §1, §3, §5).
+
+An objective is called as ``objective(model, x, index)`` on a batch ``x`` ``(B, D)`` whose rows
+are the training points ``index`` ``(B,)``, and returns a :class:`Bound`: ``value`` is the
+per-example bound ``(B,)`` (log-sum-exp minus log of the count, in log space throughout) and
+``surrogate`` is what the optimizer differentiates (the same tensor unless an estimator says
+otherwise). The training loop maximizes ``surrogate.mean()`` and logs ``value.mean()``.
+
+Every objective counts the network passes it makes (rows pushed through the encoder and the
+decoder) in :attr:`Objective.passes`, the cost measure of the paper's Fig. 4–5.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .models import LatentVariableModel
+from .posterior import MapaPosterior
+
+__all__ = [
+    "Bound",
+    "PassCounter",
+    "Objective",
+    "ELBO",
+    "IWAE",
+    "MAPA",
+    "EmpiricalLogLikelihood",
+    "Autoencoder",
+]
+
+
+class Bound(NamedTuple):
+    """``value``: the bound per example ``(B,)``; ``surrogate``: its gradient carrier ``(B,)``."""
+
+    value: Tensor
+    surrogate: Tensor
+
+
+@dataclass
+class PassCounter:
+    """Running totals of network passes (one pass = one row through one network)."""
+
+    encoder: int = 0
+    decoder: int = 0
+    points: int = 0
+    steps: int = 0
+
+    def add(self, encoder: int, decoder: int, points: int) -> None:
+        self.encoder += encoder
+        self.decoder += decoder
+        self.points += points
+        self.steps += 1
+
+    def per_point(self) -> dict[str, float]:
+        """Average passes per data point per step, as in the paper's Fig. 4–5."""
+        p = max(self.points, 1)
+        return {
+            "encoder": self.encoder / p,
+            "decoder": self.decoder / p,
+            "encoder+decoder": (self.encoder + self.decoder) / p,
+        }
+
+    def reset(self) -> None:
+        self.encoder = self.decoder = self.points = self.steps = 0
+
+
+class Objective(ABC):
+    """A lower bound on ``log p(x)``, evaluated per example."""
+
+    def __init__(self) -> None:
+        self.passes = PassCounter()
+
+    @abstractmethod
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound: ...
+
+
+def _log_weights(model: LatentVariableModel, x: Tensor, samples: int) -> tuple[Tensor, Tensor]:
+    """``log w_s = log p(x|z_s) + log p(z_s) - log q(z_s|x)`` for ``z_s ~ q(·|x)``, ``(S, B)``.
+
+    Also returns the samples ``z`` ``(S, B, L)``.
+    """
+    q = model.encoder(x)
+    z = q.rsample((samples,))  # (S, B, L)
+    log_px_z = model.decoder(z).log_prob(x)  # (S, B)
+    return log_px_z + model.prior().log_prob(z) - q.log_prob(z), z
+
+
+class ELBO(Objective):
+    """The VAE's evidence lower bound, ``E_q[log p(x, z) - log q(z | x)]``, with ``S`` draws."""
+
+    def __init__(self, samples: int = 1) -> None:
+        super().__init__()
+        if samples < 1:
+            raise ValueError(f"ELBO needs at least one sample, got {samples}")
+        self.samples = samples
+
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
+        log_w, _ = _log_weights(model, x, self.samples)  # (S, B)
+        self.passes.add(x.shape[0], x.shape[0] * self.samples, x.shape[0])
+        value = log_w.mean(0)
+        return Bound(value, value)
+
+
+class IWAE(Objective):
+    """The ``S``-sample importance-weighted bound (Burda et al. 2016; paper Eq. 2).
+
+    ``L_S(x) = log (1/S) Σ_s w_s``; with ``S = 1`` it is the ELBO under the same draw.
+    """
+
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        if samples < 1:
+            raise ValueError(f"IWAE needs at least one sample, got {samples}")
+        self.samples = samples
+
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
+        log_w, _ = _log_weights(model, x, self.samples)  # (S, B)
+        self.passes.add(x.shape[0], x.shape[0] * self.samples, x.shape[0])
+        value = torch.logsumexp(log_w, 0) - math.log(self.samples)
+        return Bound(value, value)
+
+
+class MAPA(Objective):
+    """The MAPA bound (paper Eq. 10 / 29, SPEC §3) with forward-pass reuse.
+
+    ``L(x_n) = log( Σ_{i∈B_n(k)} p(x_n | f(g(x_i))) + (1/S) Σ_s p(x_n | f(g(x_{i_s}))) / q̃_k(i_s|n) )
+    - log N``, ``i_s ~ q̃_k(· | n)``. The proposal is fixed, so plain autodiff gives unbiased
+    gradients for both ``f`` and ``g``. ``k = N, S = 0`` is the exact empiricalized likelihood
+    and ``k = 1, S = 0`` the autoencoder term.
+
+    With ``reuse=True`` the encoder and decoder run once per *unique* index in the batch's
+    ``B_n(k)`` and samples; ``reuse=False`` runs them once per (point, index) pair, as a naive
+    implementation would (same value, more passes).
+    """
+
+    def __init__(
+        self,
+        posterior: MapaPosterior,
+        atoms: Tensor,
+        k: int,
+        samples: int,
+        reuse: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        posterior.check_budget(k, samples)
+        if atoms.shape[0] != posterior.n_points:
+            raise ValueError(
+                f"posterior has {posterior.n_points} points but {atoms.shape[0]} atoms were given"
+            )
+        self.posterior = posterior
+        self.atoms = atoms  # (N, D)
+        self.k = k
+        self.samples = samples
+        self.reuse = reuse
+        self.generator = generator
+
+    def proposal(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's atom indices ``(B, k+S)`` and the log-weights' offsets ``(B, k+S)``.
+
+        The offset is 0 for ``B_n(k)`` and ``-log q̃_k(i_s|n) - log S`` for the tail draws.
+        """
+        top = self.posterior.top(index, self.k)  # (B, k)
+        offset = torch.zeros(top.shape, dtype=self.atoms.dtype, device=top.device)
+        if self.samples == 0:
+            return top, offset
+        tail, log_q = self.posterior.sample_tail(index, self.k, self.samples, self.generator)
+        tail_offset = (-log_q - math.log(self.samples)).to(self.atoms.dtype)  # (B, S)
+        return torch.cat([top, tail], 1), torch.cat([offset, tail_offset], 1)
+
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
+        atom_idx, offset = self.proposal(index)  # (B, k+S) each
+        if self.reuse:
+            unique, inverse = torch.unique(atom_idx, return_inverse=True)  # (U,), (B, k+S)
+            params = model.decoder.net(model.encoder(self.atoms[unique]))  # (U, D')
+            params = params[inverse]  # (B, k+S, D')
+            n_passes = unique.numel()
+        else:
+            flat = atom_idx.reshape(-1)
+            params = model.decoder.net(model.encoder(self.atoms[flat]))
+            params = params.reshape(*atom_idx.shape, -1)
+            n_passes = flat.numel()
+        self.passes.add(n_passes, n_passes, x.shape[0])
+        log_p = model.decoder.likelihood(params).log_prob(x[:, None, :])  # (B, k+S)
+        value = torch.logsumexp(log_p + offset, -1) - math.log(self.posterior.n_points)
+        return Bound(value, value)
+
+
+class EmpiricalLogLikelihood(Objective):
+    """The exact empiricalized log-likelihood (paper Eq. 6), ``O(N)`` passes per call:
+
+    ``log p(x) = log (1/N) Σ_i p(x | f(g(x_i)))`` over the ``N`` atoms ``x_i``.
+    It scores any ``x`` (training or held-out) against the training atoms.
+    """
+
+    def __init__(self, atoms: Tensor, chunk: int = 4096) -> None:
+        super().__init__()
+        self.atoms = atoms  # (N, D)
+        self.chunk = chunk
+
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor | None = None) -> Bound:
+        n = self.atoms.shape[0]
+        params = model.decoder.net(model.encoder(self.atoms))  # (N, D')
+        self.passes.add(n, n, x.shape[0])
+        parts = [
+            torch.logsumexp(
+                model.decoder.likelihood(params[None, i : i + self.chunk]).log_prob(x[:, None, :]),
+                -1,
+            )
+            for i in range(0, n, self.chunk)
+        ]  # each (B,)
+        value = torch.logsumexp(torch.stack(parts, -1), -1) - math.log(n)
+        return Bound(value, value)
+
+
+class Autoencoder(Objective):
+    """The autoencoder term ``log p(x_n | f(g(x_n))) - log N`` (paper Eq. 14), a lower bound
+    on the empiricalized log-likelihood; MAPA with ``k = 1, S = 0``."""
+
+    def __init__(self, n_atoms: int) -> None:
+        super().__init__()
+        self.n_atoms = n_atoms
+
+    def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
+        self.passes.add(x.shape[0], x.shape[0], x.shape[0])
+        value = model.decoder(model.encoder(x)).log_prob(x) - math.log(self.n_atoms)
+        return Bound(value, value)

@@ -1,0 +1,227 @@
+"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, SPEC §2–3).
+
+``q(i | n) = k(x_n | x_i) / Σ_j k(x_n | x_j)`` depends only on the data and the kernel, so it
+is computed once, in row blocks, and kept as a sparse table: for every point ``n`` the ``K``
+largest ``log q(i | n)`` with their indices, and the log of the mass left outside them. Memory
+is ``O(block·N + N·K)``; no ``N × N`` matrix exists unless ``K = N`` was asked for.
+
+The MAPA bound needs, per point, the top-``k`` indices ``B_n(k)`` (``k ≤ K``) and samples from
+the tail ``q̃_k(· | n)`` (``q`` with ``B_n(k)`` removed, renormalized). The tail proposal is
+``q`` itself on the stored entries past ``k`` and spreads the exact leftover mass uniformly over
+the ``N - K`` indices that were not stored, so it has full support and the bound stays a bound.
+
+The point itself is always stored first (``B_n(1) = {n}``), so ``k = 1, S = 0`` is the
+autoencoder term.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from .kernels import Kernel
+from .storage import MapaError, array_digest, atomic_write
+
+__all__ = ["MapaPosterior", "compute_posterior", "cached_posterior", "default_top_k"]
+
+CACHE_FORMAT = 1
+DENSE_LIMIT = 2048  # below this many points, keep the full posterior (K = N) by default
+SPARSE_K = 512
+
+
+def default_top_k(n: int) -> int:
+    """``N`` for small data (exact tail), else 512 neighbours per point."""
+    return n if n <= DENSE_LIMIT else SPARSE_K
+
+
+@dataclass(frozen=True)
+class MapaPosterior:
+    """Top-``K`` table of ``log q(i | n)`` for ``N`` points.
+
+    Attributes:
+        log_q: ``(N, K)`` log-probabilities, descending per row except that column 0 is ``n``.
+        index: ``(N, K)`` int64 indices of the atoms they belong to.
+        log_rest: ``(N,)`` log of the mass of the ``N - K`` indices not stored (``-inf`` if none).
+    """
+
+    log_q: Tensor
+    index: Tensor
+    log_rest: Tensor
+
+    @property
+    def n_points(self) -> int:
+        return self.log_q.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.log_q.shape[1]
+
+    def to(self, device: torch.device | str) -> MapaPosterior:
+        return MapaPosterior(self.log_q.to(device), self.index.to(device), self.log_rest.to(device))
+
+    def check_budget(self, k: int, samples: int) -> None:
+        """Raise a one-line error unless ``B_n(k)`` and ``S`` tail draws are well defined."""
+        n = self.n_points
+        if k < 1 or samples < 0:
+            raise MapaError(f"MAPA needs k >= 1 and S >= 0, got k={k}, S={samples}")
+        if samples == 0 and k > n:
+            raise MapaError(f"k={k} is larger than the number of training points N={n}")
+        if samples > 0 and k + samples > n - 1:
+            raise MapaError(
+                f"k + S = {k + samples} is larger than N - 1 = {n - 1} training points; "
+                "lower k or S (k = N with S = 0 gives the exact likelihood)"
+            )
+        if k > self.top_k:
+            raise MapaError(f"k={k} exceeds the {self.top_k} neighbours stored; rebuild with top_k >= k")
+
+    def top(self, rows: Tensor, k: int) -> Tensor:
+        """``B_n(k)`` for each row: ``(B, k)`` indices, the point itself first."""
+        return self.index[rows, :k]
+
+    def log_tail_mass(self, rows: Tensor, k: int) -> Tensor:
+        """``log Σ_{i ∉ B_n(k)} q(i | n)``, shape ``(B,)``."""
+        stored = self.log_q[rows, k:]  # (B, K-k)
+        return torch.logaddexp(torch.logsumexp(stored, -1), self.log_rest[rows])
+
+    def sample_tail(
+        self, rows: Tensor, k: int, samples: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``i^(s) ~ q̃_k(· | n)`` i.i.d. with replacement (Eq. 9).
+
+        Returns indices ``(B, S)`` and their ``log q̃_k(i^(s) | n)`` ``(B, S)``.
+        """
+        b, n, kk = rows.shape[0], self.n_points, self.top_k
+        log_stored = self.log_q[rows, k:]  # (B, K-k)
+        log_rest = self.log_rest[rows, None]  # (B, 1)
+        logits = torch.cat([log_stored, log_rest], -1)  # (B, K-k+1): last column is "unstored"
+        log_norm = torch.logsumexp(logits, -1, keepdim=True)  # (B, 1) = log tail mass
+        probs = torch.exp(logits - log_norm)
+        col = torch.multinomial(probs, samples, replacement=True, generator=generator)  # (B, S)
+        log_tilde = torch.gather(logits, 1, col) - log_norm  # (B, S)
+        rest = col == kk - k
+        safe_col = col.clamp_max(kk - k - 1) + k
+        idx = torch.gather(self.index[rows], 1, safe_col) if kk > k else torch.zeros_like(col)
+        if kk < n and bool(rest.any()):
+            # The r-th index (0-based) not among a row's stored K is r + #{j: s_j - j <= r},
+            # with s the row's sorted stored indices.
+            stored_sorted = torch.sort(self.index[rows], -1).values  # (B, K)
+            shifted = stored_sorted - torch.arange(kk, device=rows.device)  # (B, K)
+            r = torch.randint(0, n - kk, (b, samples), generator=generator, device=rows.device)
+            unstored = r + torch.searchsorted(shifted, r, right=True)
+            idx = torch.where(rest, unstored, idx)
+            log_tilde = torch.where(rest, log_tilde - math.log(n - kk), log_tilde)
+        return idx, log_tilde
+
+    def dense(self) -> Tensor:
+        """The full ``(N, N)`` matrix of ``log q`` (tests and figures; only when ``K = N``)."""
+        if self.top_k != self.n_points:
+            raise ValueError("dense() needs the full posterior (top_k = N)")
+        out = torch.full((self.n_points, self.n_points), -math.inf, dtype=self.log_q.dtype)
+        return out.scatter_(1, self.index, self.log_q)
+
+
+def compute_posterior(
+    data: Tensor,
+    kernel: Kernel,
+    top_k: int | None = None,
+    block_size: int = 1024,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> MapaPosterior:
+    """Exact top-``K`` MAPA posterior of ``data`` ``(N, D)``, in row blocks.
+
+    Each block of ``b`` queries builds one ``(b, N)`` log-kernel matrix, normalizes it by its
+    row log-sum-exp, keeps the ``K`` largest entries (the point itself forced first) and the
+    log-sum-exp of the rest.
+    """
+    n = data.shape[0]
+    k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
+    if k_keep < 1:
+        raise MapaError(f"top_k must be >= 1, got {top_k}")
+    x = data.to(device=device, dtype=dtype)
+    log_q = torch.empty(n, k_keep, dtype=dtype)
+    index = torch.empty(n, k_keep, dtype=torch.int64)
+    log_rest = torch.full((n,), -math.inf, dtype=dtype)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        rows = torch.arange(start, stop, device=device)
+        log_k = kernel.log_kernel(x[start:stop], x)  # (b, N)
+        log_norm = torch.logsumexp(log_k, -1, keepdim=True)  # (b, 1)
+        self_val = log_k[rows - start, rows].clone()
+        log_k[rows - start, rows] = math.inf  # the point itself ranks first
+        top_vals, top_idx = torch.topk(log_k, k_keep, dim=-1)  # (b, K)
+        top_vals[:, 0] = self_val
+        log_q[start:stop] = (top_vals - log_norm).cpu()
+        index[start:stop] = top_idx.cpu()
+        if k_keep < n:
+            log_k.scatter_(1, top_idx, -math.inf)
+            log_rest[start:stop] = (torch.logsumexp(log_k, -1) - log_norm[:, 0]).cpu()
+    return MapaPosterior(log_q, index, log_rest)
+
+
+def _cache_key(data: Tensor, kernel: Kernel, top_k: int, dtype: torch.dtype) -> str:
+    extra = {"format": CACHE_FORMAT, "top_k": top_k, "dtype": str(dtype), **kernel.params()}
+    return array_digest(data, extra=extra)
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    return array_digest(*(arrays[name] for name in sorted(arrays)))
+
+
+def cached_posterior(
+    data: Tensor,
+    kernel: Kernel,
+    cache_dir: str | Path,
+    top_k: int | None = None,
+    block_size: int = 1024,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> tuple[MapaPosterior, bool]:
+    """Load the posterior of ``data`` from ``cache_dir`` or compute and store it.
+
+    The file name hashes the data's bytes, shape and dtype, the kernel and its parameters,
+    ``K``, the precision and the cache format. The file stores a digest of its own arrays; a
+    truncated, corrupt or mismatching file is rebuilt. A file lock makes concurrent builders of
+    the same cache compute it once. Returns the posterior and whether it came from the cache.
+    """
+    n = data.shape[0]
+    k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
+    key = _cache_key(data, kernel, k_keep, dtype)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"posterior-{key[:32]}.npz"
+    with FileLock(str(path) + ".lock"):
+        loaded = _load_cache(path, key)
+        if loaded is not None:
+            return loaded, True
+        post = compute_posterior(data, kernel, k_keep, block_size, device, dtype)
+        arrays = {
+            "log_q": post.log_q.numpy(),
+            "index": post.index.numpy(),
+            "log_rest": post.log_rest.numpy(),
+        }
+        meta = np.frombuffer((key + ":" + _arrays_digest(arrays)).encode(), dtype=np.uint8)
+        with atomic_write(path) as f:
+            np.savez(f, meta=meta, **arrays)
+    return post, False
+
+
+def _load_cache(path: Path, key: str) -> MapaPosterior | None:
+    """The cached posterior if the file exists, reads cleanly and its digests match, else None."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in ("log_q", "index", "log_rest")}
+            stored_key, _, stored_digest = bytes(f["meta"]).decode().partition(":")
+    except Exception:  # truncated zip, bad CRC, missing member: rebuild
+        return None
+    if stored_key != key or stored_digest != _arrays_digest(arrays):
+        return None
+    return MapaPosterior(*(torch.from_numpy(arrays[k]) for k in ("log_q", "index", "log_rest")))

@@ -1,0 +1,122 @@
+"""Files that must never be half-written, and tensors that must never run code when read.
+
+Everything mapa-vae writes (posterior caches, checkpoints, metrics, surrogate weights) goes
+through :func:`atomic_write`: the bytes land in a temporary file in the same folder, are
+flushed to disk, and only then renamed over the target, so a crash leaves either the old file
+or the new one, never a torn one. Tensors are read with ``torch.load(weights_only=True)`` and
+arrays with ``np.load(allow_pickle=False)``: loading never executes pickled code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MapaError",
+    "atomic_write",
+    "read_json",
+    "write_json",
+    "save_tensors",
+    "load_tensors",
+    "array_digest",
+]
+
+
+class MapaError(ValueError):
+    """A problem with the user's input, reported as one line (the CLI exits with code 2)."""
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a binary temp file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_write(path) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming the file in the error if it is missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MapaError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise MapaError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def save_tensors(path: str | Path, tensors: Mapping[str, Any]) -> None:
+    """Save a (nested) dict of tensors and plain values with ``torch.save``, atomically."""
+    buffer = io.BytesIO()
+    torch.save(dict(tensors), buffer)
+    with atomic_write(path) as f:
+        f.write(buffer.getvalue())
+
+
+def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load what :func:`save_tensors` wrote, refusing anything but tensors and plain values."""
+    path = Path(path)
+    if not path.is_file():
+        raise MapaError(f"{path}: file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or unsafe files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MapaError(f"{path}: cannot be loaded safely ({first})") from None
+    if not isinstance(obj, dict):
+        raise MapaError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def array_digest(*arrays: np.ndarray | torch.Tensor, extra: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 over the canonical bytes, shape and dtype of each array, plus ``extra`` as JSON.
+
+    Canonical means C-contiguous and little-endian, so the same values give the same digest
+    whatever their memory layout.
+
+    >>> a = np.arange(6.0).reshape(2, 3)
+    >>> array_digest(a) == array_digest(np.asfortranarray(a))
+    True
+    >>> array_digest(a) == array_digest(a.astype(np.float32))
+    False
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        arr = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        h.update(json.dumps([list(arr.shape), arr.dtype.str]).encode())
+        h.update(arr.tobytes())
+    if extra is not None:
+        h.update(json.dumps(dict(extra), sort_keys=True, default=str).encode())
+    return h.hexdigest()

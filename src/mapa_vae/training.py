@@ -1,0 +1,300 @@
+"""One readable training loop, with best-on-validation selection and resumable checkpoints.
+
+``train(config, out_dir)`` does, in order: load the data; build the method's model and
+objective; for each epoch, for each batch, evaluate the bound, step the optimizer on its
+negative mean; every ``eval_every`` epochs score the validation set under ``no_grad``, keep the
+best weights and write a checkpoint; then finalize (MAPA: the copula prior), evaluate on the
+test set (test KL when the ground truth is known) and write the run directory:
+
+- ``config.json``: the full :class:`TrainConfig` plus the data dimension;
+- ``model.pt``: the final generative model's weights (safe to load: tensors only);
+- ``trained.pt``: the weights as trained, before :meth:`~mapa_vae.methods.Method.finalize`;
+- ``checkpoint.pt``: optimizer, RNG states and progress, for ``--resume``;
+- ``metrics.json`` and ``history.json``.
+
+A step whose loss is not finite is skipped (the weights do not change) and counted in
+``metrics.json``; a checkpoint never holds a non-finite tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import Dataset, load_dataset
+from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
+from .methods import METHODS, Architecture, Method, Setting
+from .models import LatentVariableModel, make_likelihood
+from .storage import MapaError, load_tensors, read_json, save_tensors, write_json
+
+__all__ = ["TrainConfig", "TrainResult", "Run", "train", "load_run", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$MAPA_VAE_CACHE`` or ``~/.cache/mapa-vae``."""
+    import os
+
+    return Path(os.environ.get("MAPA_VAE_CACHE", Path.home() / ".cache" / "mapa-vae"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` so a run can be rebuilt from it."""
+
+    data: str = "figure-8"  # a built-in data set name or a .npy / .csv path
+    method: str = "mapa"  # mapa | vae | iwae
+    samples: int = 100  # S: importance samples (IWAE) or tail draws (MAPA)
+    k: int | None = None  # MAPA's top-k; None = 10 % of S (at least 1)
+    epochs: int = 500  # the paper's protocol (App. C.2)
+    batch_size: int = 100
+    lr: float = 1e-3
+    seed: int = 0  # initialization, batching and sampling
+    data_seed: int = 0  # which draw of the data set
+    n_train: int = 1000
+    n_val: int = 500
+    n_test: int = 2000
+    likelihood: str = "gaussian"  # gaussian | bernoulli | continuous-bernoulli
+    noise_var: float | None = None  # σ²; None = the data set's own (required for files)
+    rho: float = 0.9  # Bernoulli kernel softening, in (0.5, 1)
+    latent_dim: int = 1
+    hidden: tuple[int, ...] = (50, 50, 50)  # the ground truth's 3 × 50
+    activation: str = "tanh"
+    top_k: int | None = None  # neighbours stored per point; None = all up to 2048 points
+    eval_every: int = 10  # epochs between validation scores (and checkpoints)
+    val_grid: int = 2**12  # quadrature grid for validation; the final test uses 2**16
+    test_grid: int = DEFAULT_GRID
+    prior_steps: int = 4000  # full-batch steps for each copula-prior network (MAPA)
+    cache_dir: str | None = None  # posterior cache; None = $MAPA_VAE_CACHE or ~/.cache/mapa-vae
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(self.hidden)
+        if self.method not in METHODS:
+            raise MapaError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        for name in ("samples", "epochs", "batch_size", "latent_dim", "eval_every"):
+            if getattr(self, name) < (0 if name == "samples" else 1):
+                raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.k is not None and self.k < 1:
+            raise MapaError(f"k must be >= 1, got {self.k}")
+
+    @property
+    def mapa_k(self) -> int:
+        return self.k if self.k is not None else max(1, round(0.1 * self.samples))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise MapaError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    model: LatentVariableModel  # final generative model
+    trained: LatentVariableModel  # as trained
+    data: Dataset
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
+    if cfg.likelihood == "gaussian":
+        noise_var = cfg.noise_var
+        if noise_var is None:
+            if data.truth is None:
+                raise MapaError("--noise-var is required for a Gaussian likelihood on your own data")
+            noise_var = data.truth.noise_var
+        return {"name": "gaussian", "noise_var": noise_var}
+    return {"name": cfg.likelihood, "rho": cfg.rho}
+
+
+def _setting(cfg: TrainConfig) -> Setting:
+    return Setting(
+        samples=cfg.samples,
+        k=cfg.mapa_k,
+        top_k=cfg.top_k,
+        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+        prior_steps=cfg.prior_steps,
+        val_grid=cfg.val_grid,
+        seed=cfg.seed,
+    )
+
+
+def _architecture(cfg: TrainConfig, data_dim: int) -> Architecture:
+    return Architecture(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation)
+
+
+def _finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
+          resume: bool = False) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.data``; write the run to ``out_dir`` if given."""
+    out = Path(out_dir) if out_dir is not None else None
+    method: Method = METHODS[cfg.method]
+    data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
+    lik_config = _likelihood_config(cfg, data)
+    likelihood = make_likelihood(lik_config)
+    for split, x in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        likelihood.check_data(x, f"{cfg.data} ({split})")
+    setting = _setting(cfg)
+    _seed_everything(cfg.seed)
+    dtype = torch.float32
+    train_x, val_x = data.train.to(dtype), data.val.to(dtype)
+    model = method.build(_architecture(cfg, data.dim), likelihood).to(dtype)
+    objective = method.objective(model, train_x, setting)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+    start_epoch, best_val, best_epoch, skipped = 0, -math.inf, -1, 0
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[dict[str, float]] = []
+    if resume:
+        if out is None or not (out / "checkpoint.pt").exists():
+            raise MapaError(f"--resume: no checkpoint in {out}")
+        ck = load_tensors(out / "checkpoint.pt")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        best_state, best_val, best_epoch = ck["best_model"], ck["best_val"], ck["best_epoch"]
+        start_epoch, skipped, history = ck["epoch"], ck["skipped"], ck["history"]
+        torch.set_rng_state(ck["torch_rng"])
+    if out is not None:
+        write_json(out / "config.json", {**dataclasses.asdict(cfg), "data_dim": data.dim,
+                                         "likelihood_config": lik_config})
+
+    n = train_x.shape[0]
+    objective.passes.reset()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}", disable=not progress,
+               initial=start_epoch, total=cfg.epochs, leave=False)
+    for epoch in bar:
+        model.train()
+        perm = torch.randperm(n)
+        bound_sum = 0.0
+        for start in range(0, n, cfg.batch_size):
+            index = perm[start : start + cfg.batch_size]
+            bound = objective(model, train_x[index], index)
+            loss = -bound.surrogate.mean()
+            if not torch.isfinite(loss):
+                skipped += 1  # policy: skip the step and count it; weights stay as they were
+                continue
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            bound_sum += float(bound.value.detach().sum())
+        record = {"epoch": epoch + 1, "train_bound": bound_sum / n}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            model.eval()
+            with torch.no_grad():
+                val = method.validation_log_likelihood(model, val_x, train_x, setting)
+            record["val_log_lik"] = val
+            if val > best_val and _finite(model.state_dict()):
+                best_val, best_epoch = val, epoch + 1
+                best_state = copy.deepcopy(model.state_dict())
+            bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
+            history.append(record)
+            if out is not None and _finite(model.state_dict()):
+                save_tensors(out / "checkpoint.pt", {
+                    "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "best_model": best_state, "best_val": best_val, "best_epoch": best_epoch,
+                    "epoch": epoch + 1, "skipped": skipped, "history": history,
+                    "torch_rng": torch.get_rng_state(),
+                })
+        else:
+            history.append(record)
+    train_seconds = time.perf_counter() - t0
+    bar.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    t1 = time.perf_counter()
+    final, info = method.finalize(model, train_x, setting)
+    prior_seconds = time.perf_counter() - t1
+    metrics: dict[str, Any] = {
+        "method": cfg.method,
+        "data": cfg.data,
+        "samples": cfg.samples,
+        "k": cfg.mapa_k if cfg.method == "mapa" else None,
+        "epochs": cfg.epochs,
+        "best_epoch": best_epoch,
+        "best_val_selection_score": best_val,
+        "skipped_steps": skipped,
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / max(1, cfg.epochs - start_epoch),
+        "prior_seconds": prior_seconds,
+        "passes_per_point_per_step": objective.passes.per_point(),
+        **info,
+    }
+    metrics.update(evaluate_final(final, data, cfg.test_grid))
+    trained = model
+    if out is not None:
+        save_tensors(out / "model.pt", {"model": final.state_dict()})
+        save_tensors(out / "trained.pt", {"model": trained.state_dict()})
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "history.json", history)
+    return TrainResult(cfg, final, trained, data, metrics, history)
+
+
+def evaluate_final(model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
+    """Validation / test log-likelihood of the final model, and the test KL when known."""
+    t = time.perf_counter()
+    out: dict[str, Any] = {
+        "val_log_lik": float(log_likelihood(model, data.val, grid).mean()),
+    }
+    if data.truth is not None:
+        kl = test_kl(data.truth.model, model, data.test, grid)
+        out.update(test_log_lik=kl.log_lik_model, test_log_lik_truth=kl.log_lik_truth,
+                   test_kl=kl.kl, test_kl_stderr=kl.stderr)
+    else:
+        out["test_log_lik"] = float(log_likelihood(model, data.test, grid).mean())
+    out["eval_seconds"] = time.perf_counter() - t
+    return out
+
+
+@dataclass
+class Run:
+    """A trained run rebuilt from its directory alone."""
+
+    config: TrainConfig
+    model: LatentVariableModel
+    data_dim: int
+
+
+def load_run(run_dir: str | Path, which: str = "model") -> Run:
+    """Rebuild a run's final (``which="model"``) or trained (``"trained"``) model from its folder."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise MapaError(f"{run}: no such run directory")
+    raw = read_json(run / "config.json")
+    try:
+        data_dim, lik_config = int(raw.pop("data_dim")), raw.pop("likelihood_config")
+    except KeyError:
+        raise MapaError(f"{run / 'config.json'}: not a mapa-vae run config") from None
+    cfg = TrainConfig.from_dict(raw)
+    method = METHODS[cfg.method]
+    arch = _architecture(cfg, data_dim)
+    likelihood = make_likelihood(lik_config)
+    state = load_tensors(run / f"{which}.pt")["model"]
+    model = (method.build_final if which == "model" else method.build)(arch, likelihood)
+    model.load_state_dict(state)
+    return Run(cfg, model.eval(), data_dim)
+
