@@ -1,1 +1,89 @@
-"""mapa-vae."""
+"""mapa-vae: train deep latent-variable models with MAPA, beside VAE and IWAE baselines.
+
+The modules follow the paper: :mod:`~mapa_vae.kernels` and :mod:`~mapa_vae.posterior` (the
+model-agnostic posterior over indices, Eq. 8), :mod:`~mapa_vae.objectives` (one class per bound),
+:mod:`~mapa_vae.models`, :mod:`~mapa_vae.priors` (the copula prior), :mod:`~mapa_vae.evaluation`
+(quadrature log-likelihood, test KL), :mod:`~mapa_vae.training` and :mod:`~mapa_vae.cli`.
+"""
+
+from .data import Dataset, check_array, load_array, load_dataset, make_ground_truth_data
+from .evaluation import (
+    KLEstimate,
+    importance_log_likelihood,
+    log_likelihood,
+    quadrature_log_likelihood,
+    test_kl,
+)
+from .experiments import compare
+from .groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
+from .kernels import BernoulliKernel, GaussianKernel, Kernel
+from .methods import METHODS, Method
+from .models import (
+    MLP,
+    BernoulliLikelihood,
+    CodeEncoder,
+    ContinuousBernoulliLikelihood,
+    Decoder,
+    GaussianEncoder,
+    GaussianLikelihood,
+    LatentVariableModel,
+    Likelihood,
+    StandardNormal,
+)
+from .objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
+from .posterior import MapaPosterior, cached_posterior, compute_posterior
+from .priors import copula_codes, fit_copula_prior
+from .storage import MapaError
+from .training import Run, TrainConfig, TrainResult, load_run, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ELBO",
+    "GROUND_TRUTHS",
+    "IWAE",
+    "MAPA",
+    "METHODS",
+    "MLP",
+    "Autoencoder",
+    "BernoulliKernel",
+    "BernoulliLikelihood",
+    "Bound",
+    "CodeEncoder",
+    "ContinuousBernoulliLikelihood",
+    "Dataset",
+    "Decoder",
+    "EmpiricalLogLikelihood",
+    "GaussianEncoder",
+    "GaussianKernel",
+    "GaussianLikelihood",
+    "GroundTruth",
+    "KLEstimate",
+    "Kernel",
+    "LatentVariableModel",
+    "Likelihood",
+    "MapaError",
+    "MapaPosterior",
+    "Method",
+    "Objective",
+    "Run",
+    "StandardNormal",
+    "TrainConfig",
+    "TrainResult",
+    "cached_posterior",
+    "check_array",
+    "compare",
+    "compute_posterior",
+    "copula_codes",
+    "fit_copula_prior",
+    "ground_truth",
+    "importance_log_likelihood",
+    "load_array",
+    "load_dataset",
+    "load_run",
+    "log_likelihood",
+    "make_ground_truth_data",
+    "quadrature_log_likelihood",
+    "test_kl",
+    "train",
+]

@@ -19,7 +19,7 @@ from torch import Tensor
 from .groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
 from .storage import MapaError
 
-__all__ = ["Dataset", "load_dataset", "make_ground_truth_data", "load_array", "check_array"]
+__all__ = ["Dataset", "check_array", "load_array", "load_dataset", "make_ground_truth_data"]
 
 
 @dataclass
@@ -123,6 +123,8 @@ def _read_csv(path: Path) -> np.ndarray:
                 values[r - start - 1, c] = float(cell)
             except ValueError:
                 raise MapaError(f"{path}: row {r}, column {c + 1}: {cell.strip()!r} is not a number") from None
+            if not np.isfinite(values[r - start - 1, c]):  # name the cell as the file counts it
+                raise MapaError(f"{path}: non-finite value {cell.strip()!r} at row {r}, column {c + 1}")
     return values
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -25,17 +26,20 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from .models import Decoder, LatentVariableModel
 
 __all__ = [
-    "quadrature_log_likelihood",
+    "KLEstimate",
     "importance_log_likelihood",
     "log_likelihood",
-    "KLEstimate",
+    "quadrature_log_likelihood",
     "test_kl",
 ]
 
 DEFAULT_GRID = 2**16
 
 
-def _float64(module: torch.nn.Module) -> torch.nn.Module:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+def _float64(module: M) -> M:
     return copy.deepcopy(module).double().eval()
 
 

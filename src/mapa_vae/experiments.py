@@ -80,8 +80,8 @@ def plot_samples(data: torch.Tensor, models: dict[str, Any], path: str | Path,
     panels += [(name, m.sample(n)) for name, m in models.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), sharex=True,
                              sharey=True, constrained_layout=True)
-    for ax, (name, x) in zip(axes, panels, strict=True):
-        x = x.detach().cpu().numpy()
+    for ax, (name, points) in zip(axes, panels, strict=True):
+        x = points.detach().cpu().numpy()
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4, color="tab:blue" if name == "data" else "tab:red")
         label = name
         if metrics and name in metrics and "test_kl" in metrics[name]:

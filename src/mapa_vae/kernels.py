@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "GaussianKernel", "BernoulliKernel"]
+__all__ = ["BernoulliKernel", "GaussianKernel", "Kernel"]
 
 
 class Kernel(ABC):

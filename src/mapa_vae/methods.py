@@ -30,7 +30,7 @@ from .objectives import ELBO, IWAE, MAPA, EmpiricalLogLikelihood, Objective
 from .posterior import cached_posterior
 from .priors import fit_copula_prior
 
-__all__ = ["Architecture", "Method", "MapaMethod", "VAEMethod", "IWAEMethod", "METHODS"]
+__all__ = ["METHODS", "Architecture", "IWAEMethod", "MapaMethod", "Method", "VAEMethod"]
 
 
 @dataclass(frozen=True)

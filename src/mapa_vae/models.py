@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -29,16 +30,16 @@ from .storage import MapaError
 
 __all__ = [
     "MLP",
-    "Likelihood",
-    "GaussianLikelihood",
     "BernoulliLikelihood",
+    "CodeEncoder",
     "ContinuousBernoulliLikelihood",
-    "make_likelihood",
     "Decoder",
     "GaussianEncoder",
-    "CodeEncoder",
-    "StandardNormal",
+    "GaussianLikelihood",
     "LatentVariableModel",
+    "Likelihood",
+    "StandardNormal",
+    "make_likelihood",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -59,7 +60,7 @@ class MLP(nn.Sequential):
             raise MapaError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         layers: list[nn.Module] = []
         widths = [d_in, *hidden]
-        for a, b in zip(widths[:-1], widths[1:], strict=True):
+        for a, b in pairwise(widths):
             layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
         layers.append(nn.Linear(widths[-1], d_out))
         super().__init__(*layers)
@@ -182,6 +183,9 @@ def make_likelihood(config: dict[str, Any]) -> Likelihood:
 class Decoder(nn.Module):
     """``z ↦ p(x | f_θ(z))``: a network followed by a likelihood."""
 
+    net: nn.Module
+    likelihood: Likelihood
+
     def __init__(self, net: nn.Module, likelihood: Likelihood) -> None:
         super().__init__()
         self.net = net
@@ -221,6 +225,8 @@ class CodeEncoder(nn.Module):
 class StandardNormal(nn.Module):
     """The prior ``p(z) = N(0, I_L)``."""
 
+    zero: Tensor
+
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.latent_dim = latent_dim
@@ -236,6 +242,10 @@ class LatentVariableModel(nn.Module):
 
     ``encoder`` is a :class:`GaussianEncoder` (VAE, IWAE) or a :class:`CodeEncoder` (MAPA).
     """
+
+    encoder: nn.Module
+    decoder: Decoder
+    prior: StandardNormal
 
     def __init__(self, encoder: nn.Module, decoder: Decoder, prior: StandardNormal) -> None:
         super().__init__()

@@ -24,14 +24,14 @@ from .models import LatentVariableModel
 from .posterior import MapaPosterior
 
 __all__ = [
-    "Bound",
-    "PassCounter",
-    "Objective",
     "ELBO",
     "IWAE",
     "MAPA",
-    "EmpiricalLogLikelihood",
     "Autoencoder",
+    "Bound",
+    "EmpiricalLogLikelihood",
+    "Objective",
+    "PassCounter",
 ]
 
 

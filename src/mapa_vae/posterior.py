@@ -28,7 +28,7 @@ from torch import Tensor
 from .kernels import Kernel
 from .storage import MapaError, array_digest, atomic_write
 
-__all__ = ["MapaPosterior", "compute_posterior", "cached_posterior", "default_top_k"]
+__all__ = ["MapaPosterior", "cached_posterior", "compute_posterior", "default_top_k"]
 
 CACHE_FORMAT = 1
 DENSE_LIMIT = 2048  # below this many points, keep the full posterior (K = N) by default
@@ -208,7 +208,7 @@ def cached_posterior(
         }
         meta = np.frombuffer((key + ":" + _arrays_digest(arrays)).encode(), dtype=np.uint8)
         with atomic_write(path) as f:
-            np.savez(f, meta=meta, **arrays)
+            np.savez(f, meta=meta, **arrays)  # type: ignore[arg-type]
     return post, False
 
 
@@ -217,7 +217,7 @@ def _load_cache(path: Path, key: str) -> MapaPosterior | None:
     if not path.exists():
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:
             arrays = {name: f[name] for name in ("log_q", "index", "log_rest")}
             stored_key, _, stored_digest = bytes(f["meta"]).decode().partition(":")
     except Exception:  # truncated zip, bad CRC, missing member: rebuild

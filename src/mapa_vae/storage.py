@@ -24,13 +24,17 @@ import torch
 
 __all__ = [
     "MapaError",
-    "atomic_write",
-    "read_json",
-    "write_json",
-    "save_tensors",
-    "load_tensors",
     "array_digest",
+    "atomic_write",
+    "load_tensors",
+    "read_json",
+    "save_tensors",
+    "write_json",
 ]
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class MapaError(ValueError):
@@ -47,6 +51,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

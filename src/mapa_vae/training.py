@@ -37,7 +37,7 @@ from .methods import METHODS, Architecture, Method, Setting
 from .models import LatentVariableModel, make_likelihood
 from .storage import MapaError, load_tensors, read_json, save_tensors, write_json
 
-__all__ = ["TrainConfig", "TrainResult", "Run", "train", "load_run", "default_cache_dir"]
+__all__ = ["Run", "TrainConfig", "TrainResult", "default_cache_dir", "load_run", "train"]
 
 
 def default_cache_dir() -> Path:
@@ -91,6 +91,18 @@ class TrainConfig:
     def mapa_k(self) -> int:
         return self.k if self.k is not None else max(1, round(0.1 * self.samples))
 
+    def setting(self) -> Setting:
+        """The method-specific knobs handed to :class:`~mapa_vae.methods.Method`."""
+        return Setting(
+            samples=self.samples,
+            k=self.mapa_k,
+            top_k=self.top_k,
+            cache_dir=Path(self.cache_dir) if self.cache_dir else default_cache_dir(),
+            prior_steps=self.prior_steps,
+            val_grid=self.val_grid,
+            seed=self.seed,
+        )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -112,7 +124,7 @@ class TrainResult:
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002  (seeds user code that uses the legacy global RNG)
     torch.manual_seed(seed)
 
 
@@ -125,18 +137,6 @@ def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
             noise_var = data.truth.noise_var
         return {"name": "gaussian", "noise_var": noise_var}
     return {"name": cfg.likelihood, "rho": cfg.rho}
-
-
-def _setting(cfg: TrainConfig) -> Setting:
-    return Setting(
-        samples=cfg.samples,
-        k=cfg.mapa_k,
-        top_k=cfg.top_k,
-        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
-        prior_steps=cfg.prior_steps,
-        val_grid=cfg.val_grid,
-        seed=cfg.seed,
-    )
 
 
 def _architecture(cfg: TrainConfig, data_dim: int) -> Architecture:
@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     likelihood = make_likelihood(lik_config)
     for split, x in (("train", data.train), ("validation", data.val), ("test", data.test)):
         likelihood.check_data(x, f"{cfg.data} ({split})")
-    setting = _setting(cfg)
+    setting = cfg.setting()
     _seed_everything(cfg.seed)
     dtype = torch.float32
     train_x, val_x = data.train.to(dtype), data.val.to(dtype)
