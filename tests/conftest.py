@@ -20,6 +20,15 @@ from mapa_vae.models import (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny networks gain nothing from threads, and lose a lot when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)

@@ -144,7 +144,8 @@ def test_sample(runs, method, tmp_path, capsys):
 def test_evaluate(runs, method, circle_file, tmp_path, capsys):
     run = runs[method][3]
     pp = tmp_path / "pp.npy"
-    assert main(["evaluate", str(run), "--data", str(circle_file), "--per-point", str(pp)]) == 0
+    argv = ["evaluate", str(run), "--data", str(circle_file), "--grid", "4096"]
+    assert main([*argv, "--per-point", str(pp)]) == 0
     out = capsys.readouterr().out
     assert "mean test log-likelihood" in out
     match = re.search(r"mean test log-likelihood: (-?[0-9.]+) nats over (\d+) points", out)
@@ -156,7 +157,7 @@ def test_evaluate(runs, method, circle_file, tmp_path, capsys):
     assert np.isfinite(values).all()
     assert float(values.mean()) == pytest.approx(printed, abs=5e-4)
     # without --per-point: the same number
-    assert main(["evaluate", str(run), "--data", str(circle_file)]) == 0
+    assert main(argv) == 0
     assert f"{printed:.4f}" in capsys.readouterr().out
 
 
@@ -177,6 +178,7 @@ def test_resume_continues_from_checkpoint(circle_file, tmp_path, capsys):
 def _expect_error(capsys, argv: list[str]) -> str:
     assert main(argv) == 2
     out, err = capsys.readouterr()
+    assert out == ""  # nothing half-done is reported as a result
     assert "Traceback" not in err
     return _one_line_error(err)
 

@@ -46,6 +46,7 @@ def _config_from_args(args: argparse.Namespace):
         noise_var=args.noise_var, latent_dim=args.latent_dim, likelihood=args.likelihood,
         rho=args.rho, hidden=tuple(args.hidden), top_k=args.top_k, eval_every=args.eval_every,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
+        prior_steps=args.prior_steps,
     )
 
 
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, default=1000, help="built-in data: training points")
     t.add_argument("--n-val", type=int, default=500)
     t.add_argument("--n-test", type=int, default=2000)
+    t.add_argument("--prior-steps", type=int, default=4000,
+                   help="MAPA: full-batch steps for each copula-prior network (default 4000)")
     t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -122,7 +122,8 @@ def _read_csv(path: Path) -> np.ndarray:
             try:
                 values[r - start - 1, c] = float(cell)
             except ValueError:
-                raise MapaError(f"{path}: row {r}, column {c + 1}: {cell.strip()!r} is not a number") from None
+                msg = f"{path}: row {r}, column {c + 1}: {cell.strip()!r} is not a number"
+                raise MapaError(msg) from None
             if not np.isfinite(values[r - start - 1, c]):  # name the cell as the file counts it
                 raise MapaError(f"{path}: non-finite value {cell.strip()!r} at row {r}, column {c + 1}")
     return values

@@ -62,7 +62,7 @@ def quadrature_log_likelihood(decoder: Decoder, x: Tensor, grid: int = DEFAULT_G
     x = x.to(torch.float64)
     chunk = max(1, 2**24 // (grid * max(1, params.shape[-1])))
     out = [
-        torch.logsumexp(dec.likelihood(params[None]).log_prob(x[i : i + chunk, None, :]), -1)
+        torch.logsumexp(dec.likelihood.pairwise_log_prob(params, x[i : i + chunk]), -1)
         for i in range(0, x.shape[0], chunk)
     ]  # each (c,)
     return torch.cat(out) - math.log(grid)

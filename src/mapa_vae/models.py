@@ -83,6 +83,10 @@ class Likelihood(nn.Module, ABC):
     def kernel(self) -> Kernel:
         """The MAPA kernel matched to this noise model (SPEC §2)."""
 
+    def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """``log p(x_b | params_m)`` for every pair: params ``(M, D')``, x ``(B, D)`` → ``(B, M)``."""
+        return self(params[None]).log_prob(x[:, None, :])
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so a checkpoint can rebuild it."""
@@ -111,6 +115,12 @@ class GaussianLikelihood(Likelihood):
 
     def kernel(self) -> Kernel:
         return GaussianKernel(self.noise_var)
+
+    def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        # -‖x - m‖² / 2σ² - D/2 log 2πσ², with the squared distance as one matrix product
+        d = x.shape[-1]
+        log_k = GaussianKernel(self.noise_var).log_kernel(x, params)  # (B, M)
+        return log_k - 0.5 * d * math.log(2 * math.pi * self.noise_var)
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "noise_var": self.noise_var}

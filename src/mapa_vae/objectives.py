@@ -208,11 +208,9 @@ class EmpiricalLogLikelihood(Objective):
         n = self.atoms.shape[0]
         params = model.decoder.net(model.encoder(self.atoms))  # (N, D')
         self.passes.add(n, n, x.shape[0])
+        lik = model.decoder.likelihood
         parts = [
-            torch.logsumexp(
-                model.decoder.likelihood(params[None, i : i + self.chunk]).log_prob(x[:, None, :]),
-                -1,
-            )
+            torch.logsumexp(lik.pairwise_log_prob(params[i : i + self.chunk], x), -1)
             for i in range(0, n, self.chunk)
         ]  # each (B,)
         value = torch.logsumexp(torch.stack(parts, -1), -1) - math.log(n)
