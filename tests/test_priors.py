@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mapa_vae.models import StandardNormal
-from mapa_vae.priors import copula_codes, fit_copula_prior
+from mapa_vae.priors import MonotoneMap, copula_codes, fit_copula_prior
 from mapa_vae.storage import MapaError
 
 
@@ -26,10 +26,35 @@ def test_copula_codes_need_a_one_dimensional_latent():
         copula_codes(torch.zeros(10, 2))
 
 
-def test_copula_prior_reproduces_the_trained_model(mapa_model, circle_data):
-    """The new networks match the old ``f(g(x))`` and their codes are standard normal."""
+def test_exact_map_reproduces_the_trained_model_at_every_atom(mapa_model, circle_data):
+    """``f† ∘ g† = f ∘ g`` on the training points, codes are the whitened normal scores."""
     x = circle_data
-    new, fit = fit_copula_prior(mapa_model, x, steps=1500)
+    new, fit = fit_copula_prior(mapa_model, x, method="map")
+    with torch.no_grad():
+        torch.testing.assert_close(new.encoder(x), copula_codes(mapa_model.encoder(x)), rtol=0,
+                                   atol=1e-10)
+        torch.testing.assert_close(new.decoder.mean(new.encoder(x)),
+                                   mapa_model.decoder.mean(mapa_model.encoder(x)), rtol=0, atol=1e-10)
+    assert fit.encoder_mse < 1e-18 and fit.decoder_kl < 1e-12
+    # between atoms the map is monotone: the decoder path follows the codes in order
+    z = torch.linspace(-3, 3, 500, dtype=torch.float64)[:, None]
+    h = new.decoder.net[0]
+    assert (h(z)[1:] >= h(z)[:-1]).all()
+
+
+def test_monotone_map_round_trips_through_a_state_dict():
+    h = MonotoneMap(torch.linspace(-2, 2, 7, dtype=torch.float64),
+                    torch.linspace(0, 1, 7, dtype=torch.float64) ** 2)
+    loaded = MonotoneMap()
+    loaded.load_state_dict(h.state_dict())
+    t = torch.randn(50, 1, dtype=torch.float64) * 3
+    assert torch.equal(loaded(t), h(t))
+
+
+def test_copula_prior_refit_reproduces_the_trained_model(mapa_model, circle_data):
+    """The paper's refit: new networks match the old ``f(g(x))``, codes standard normal."""
+    x = circle_data
+    new, fit = fit_copula_prior(mapa_model, x, method="refit", steps=1500)
     assert isinstance(new.prior, StandardNormal)
     with torch.no_grad():
         z = new.encoder(x)

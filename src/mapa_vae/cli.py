@@ -46,7 +46,8 @@ def _config_from_args(args: argparse.Namespace):
         noise_var=args.noise_var, latent_dim=args.latent_dim, likelihood=args.likelihood,
         rho=args.rho, hidden=tuple(args.hidden), top_k=args.top_k, eval_every=args.eval_every,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
-        prior_steps=args.prior_steps,
+        prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
+        prior_fit=args.prior_fit,
     )
 
 
@@ -155,8 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, default=1000, help="built-in data: training points")
     t.add_argument("--n-val", type=int, default=500)
     t.add_argument("--n-test", type=int, default=2000)
+    t.add_argument("--posterior", choices=["kernel", "ground-truth", "uniform"], default="kernel",
+                   help="MAPA's q(i|n): the kernel (MAPA), the ground truth's (MAPA-GT, built-in "
+                   "data only) or uniform (MAPA-naive)")
+    t.add_argument("--estimator", choices=["naive", "stl", "dreg"], default="naive",
+                   help="IWAE's encoder gradient: naive, STL (Roeder et al. 2017) or DReG "
+                   "(Tucker et al. 2019); the decoder always gets the IWAE gradient")
+    t.add_argument("--prior-fit", choices=["map", "refit"], default="map",
+                   help="MAPA's N(0,1) prior: compose with the exact monotone copula map (default) "
+                   "or refit new networks as in the paper's App. C.3")
     t.add_argument("--prior-steps", type=int, default=4000,
-                   help="MAPA: full-batch steps for each copula-prior network (default 4000)")
+                   help="with --prior-fit refit: full-batch steps per new network (default 4000)")
     t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

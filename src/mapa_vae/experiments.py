@@ -87,7 +87,7 @@ def plot_samples(data: torch.Tensor, models: dict[str, Any], path: str | Path,
         if metrics and name in metrics and "test_kl" in metrics[name]:
             label += f"\nKL = {metrics[name]['test_kl']:.3f}"
         ax.set_title(label, fontsize=10)
-        ax.set_aspect("equal", adjustable="datalim")
+        ax.set_aspect("equal", adjustable="box")
     fig.suptitle(title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

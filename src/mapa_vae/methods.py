@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .data import Dataset
 from .evaluation import quadrature_log_likelihood
 from .models import (
     MLP,
@@ -27,8 +28,9 @@ from .models import (
     StandardNormal,
 )
 from .objectives import ELBO, IWAE, MAPA, EmpiricalLogLikelihood, Objective
-from .posterior import cached_posterior
-from .priors import fit_copula_prior
+from .posterior import MapaPosterior, cached_posterior
+from .priors import fit_copula_prior, mapped_model
+from .storage import MapaError
 
 __all__ = ["METHODS", "Architecture", "IWAEMethod", "MapaMethod", "Method", "VAEMethod"]
 
@@ -54,6 +56,13 @@ class Setting:
     prior_steps: int
     val_grid: int
     seed: int
+    posterior: str = "kernel"  # MAPA's q(i|n): kernel (MAPA) | ground-truth (MAPA-GT) | uniform
+    estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg
+    prior_fit: str = "map"  # MAPA's copula prior: map (exact) | refit (paper's Eq. 39–40)
+
+
+POSTERIORS = ("kernel", "ground-truth", "uniform")
+ESTIMATORS = ("naive", "stl", "dreg")
 
 
 class Method(ABC):
@@ -66,8 +75,9 @@ class Method(ABC):
         """The untrained model this method optimizes."""
 
     @abstractmethod
-    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting) -> Objective:
-        """The bound maximized during training."""
+    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
+                  data: Dataset | None = None) -> Objective:
+        """The bound maximized during training (``data``: the splits, for ground-truth extras)."""
 
     @abstractmethod
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
@@ -79,7 +89,8 @@ class Method(ABC):
         """The generative model to evaluate and sample (default: the trained one)."""
         return model, {}
 
-    def build_final(self, arch: Architecture, likelihood: Likelihood) -> LatentVariableModel:
+    def build_final(self, arch: Architecture, likelihood: Likelihood,
+                    setting: Setting) -> LatentVariableModel:
         """An empty model with the architecture :meth:`finalize` returns (for loading)."""
         return self.build(arch, likelihood)
 
@@ -107,7 +118,8 @@ class VAEMethod(_GaussianEncoderMethod):
 
     name = "vae"
 
-    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting) -> Objective:
+    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
+                  data: Dataset | None = None) -> Objective:
         return ELBO(1)
 
 
@@ -116,8 +128,9 @@ class IWAEMethod(_GaussianEncoderMethod):
 
     name = "iwae"
 
-    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting) -> Objective:
-        return IWAE(setting.samples)
+    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
+                  data: Dataset | None = None) -> Objective:
+        return IWAE(setting.samples, estimator=setting.estimator)
 
 
 class MapaMethod(Method):
@@ -130,11 +143,28 @@ class MapaMethod(Method):
         enc = CodeEncoder(MLP(arch.data_dim, arch.latent_dim, arch.hidden, arch.activation))
         return LatentVariableModel(enc, _decoder(arch, likelihood), StandardNormal(arch.latent_dim))
 
-    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting) -> Objective:
-        kernel = model.decoder.likelihood.kernel()
-        posterior, _ = cached_posterior(train, kernel, setting.cache_dir, setting.top_k)
+    def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
+                  data: Dataset | None = None) -> Objective:
+        posterior = self.posterior(model, train, setting, data)
         posterior.check_budget(setting.k, setting.samples)
         return MAPA(posterior.to(train.device), train, setting.k, setting.samples)
+
+    @staticmethod
+    def posterior(model: LatentVariableModel, train: Tensor, setting: Setting,
+                  data: Dataset | None) -> MapaPosterior:
+        """``q(i | n)``: the kernel posterior (cached), or an ablation's (SPEC §5)."""
+        if setting.posterior == "kernel":
+            kernel = model.decoder.likelihood.kernel()
+            return cached_posterior(train, kernel, setting.cache_dir, setting.top_k)[0]
+        from .posterior import ground_truth_posterior, uniform_posterior
+
+        if setting.posterior == "uniform":  # MAPA-naive
+            return uniform_posterior(train.shape[0])
+        if setting.posterior == "ground-truth":  # MAPA-GT, Eq. 7
+            if data is None or data.truth is None or data.z_train is None:
+                raise MapaError("MAPA-GT needs a built-in data set (ground-truth decoder and codes)")
+            return ground_truth_posterior(data.train, data.z_train, data.truth.decoder)
+        raise MapaError(f"unknown posterior {setting.posterior!r}; choose from {', '.join(POSTERIORS)}")
 
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
                                   setting: Setting) -> float:
@@ -143,8 +173,14 @@ class MapaMethod(Method):
 
     def finalize(self, model: LatentVariableModel, train: Tensor,
                  setting: Setting) -> tuple[LatentVariableModel, dict[str, Any]]:
-        final, fit = fit_copula_prior(model, train, steps=setting.prior_steps, seed=setting.seed)
+        final, fit = fit_copula_prior(model, train, method=setting.prior_fit,
+                                      steps=setting.prior_steps, seed=setting.seed)
         return final, {"prior_encoder_mse": fit.encoder_mse, "prior_decoder_kl": fit.decoder_kl}
+
+    def build_final(self, arch: Architecture, likelihood: Likelihood,
+                    setting: Setting) -> LatentVariableModel:
+        model = self.build(arch, likelihood)
+        return mapped_model(model) if setting.prior_fit == "map" else model
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (MapaMethod(), VAEMethod(), IWAEMethod())}

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from .data import Dataset, load_dataset
 from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
-from .methods import METHODS, Architecture, Method, Setting
+from .methods import ESTIMATORS, METHODS, POSTERIORS, Architecture, Method, Setting
 from .models import LatentVariableModel, make_likelihood
+from .priors import PRIOR_FITS
 from .storage import MapaError, load_tensors, read_json, save_tensors, write_json
 
 __all__ = ["Run", "TrainConfig", "TrainResult", "default_cache_dir", "load_run", "train"]
@@ -70,10 +71,13 @@ class TrainConfig:
     hidden: tuple[int, ...] = (50, 50, 50)  # the ground truth's 3 × 50
     activation: str = "tanh"
     top_k: int | None = None  # neighbours stored per point; None = all up to 2048 points
+    posterior: str = "kernel"  # MAPA's q(i|n): kernel | ground-truth (MAPA-GT) | uniform (naive)
+    estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg (Roeder; Tucker)
     eval_every: int = 10  # epochs between validation scores (and checkpoints)
     val_grid: int = 2**12  # quadrature grid for validation; the final test uses 2**16
     test_grid: int = DEFAULT_GRID
-    prior_steps: int = 4000  # full-batch steps for each copula-prior network (MAPA)
+    prior_fit: str = "map"  # MAPA's copula prior: map (exact monotone map) | refit (paper C.3)
+    prior_steps: int = 4000  # refit only: full-batch steps for each new network
     cache_dir: str | None = None  # posterior cache; None = $MAPA_VAE_CACHE or ~/.cache/mapa-vae
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
@@ -86,6 +90,12 @@ class TrainConfig:
                 raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
         if self.k is not None and self.k < 1:
             raise MapaError(f"k must be >= 1, got {self.k}")
+        if self.posterior not in POSTERIORS:
+            raise MapaError(f"unknown posterior {self.posterior!r}; choose from {', '.join(POSTERIORS)}")
+        if self.estimator not in ESTIMATORS:
+            raise MapaError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if self.prior_fit not in PRIOR_FITS:
+            raise MapaError(f"unknown prior fit {self.prior_fit!r}; choose from {', '.join(PRIOR_FITS)}")
 
     @property
     def mapa_k(self) -> int:
@@ -101,6 +111,9 @@ class TrainConfig:
             prior_steps=self.prior_steps,
             val_grid=self.val_grid,
             seed=self.seed,
+            posterior=self.posterior,
+            estimator=self.estimator,
+            prior_fit=self.prior_fit,
         )
 
     @classmethod
@@ -162,7 +175,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     dtype = torch.float32
     train_x, val_x = data.train.to(dtype), data.val.to(dtype)
     model = method.build(_architecture(cfg, data.dim), likelihood).to(dtype)
-    objective = method.objective(model, train_x, setting)
+    objective = method.objective(model, train_x, setting, data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     start_epoch, best_val, best_epoch, skipped = 0, -math.inf, -1, 0
@@ -294,7 +307,10 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
     arch = _architecture(cfg, data_dim)
     likelihood = make_likelihood(lik_config)
     state = load_tensors(run / f"{which}.pt")["model"]
-    model = (method.build_final if which == "model" else method.build)(arch, likelihood)
+    if which == "model":
+        model = method.build_final(arch, likelihood, cfg.setting())
+    else:
+        model = method.build(arch, likelihood)
     model.load_state_dict(state)
     return Run(cfg, model.eval(), data_dim)
 

@@ -1,0 +1,219 @@
+"""The reproduction protocol as independent jobs (SPEC §7): profiles, a runner, a result store.
+
+A :class:`Job` is one training run: a data set and its draw, a method variant, ``S`` and a
+restart. Jobs run in parallel through joblib (``loky`` processes locally; ``ray`` or ``dask``
+send the same jobs to a cluster through joblib's backends). Each finished job's metrics are
+written atomically to ``DIR/jobs/<key>.json``; a sweep started again skips those, so an
+interrupted sweep resumes where it stopped. A job that fails is recorded with its error and
+retried next time; the others carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .groundtruth import GROUND_TRUTHS
+from .storage import MapaError, read_json, write_json
+from .training import TrainConfig, train
+
+__all__ = ["BACKENDS", "PROFILES", "VARIANTS", "Job", "Profile", "Variant", "make_jobs", "run_jobs"]
+
+BACKENDS = ("loky", "ray", "dask")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method as the paper's figures name it, with the config fields that make it."""
+
+    label: str
+    method: str
+    k_fraction: float | None = None  # MAPA: k as a fraction of S
+    posterior: str = "kernel"
+    estimator: str = "naive"
+    uses_samples: bool = True  # the VAE ignores S: it runs once per (data, draw, restart)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.label: v
+    for v in (
+        Variant("vae", "vae", uses_samples=False),
+        Variant("iwae", "iwae"),
+        Variant("iwae-dreg", "iwae", estimator="dreg"),
+        Variant("mapa-k10", "mapa", k_fraction=0.1),
+        Variant("mapa-k90", "mapa", k_fraction=0.9),
+        Variant("mapa-gt", "mapa", k_fraction=0.1, posterior="ground-truth"),
+        Variant("mapa-naive", "mapa", k_fraction=0.1, posterior="uniform"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a sweep is: data sets, S grid, restarts R, draws D and the training budget."""
+
+    name: str
+    datasets: tuple[str, ...]
+    samples: tuple[int, ...]
+    restarts: int
+    draws: int
+    variants: tuple[str, ...] = ("vae", "iwae", "mapa-k10", "mapa-k90", "mapa-gt", "mapa-naive")
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+
+ALL = tuple(GROUND_TRUTHS)
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        # The paper's protocol: R = D = 10, 500 epochs, the full S grid (App. C.2).
+        Profile("paper", ALL, (10, 20, 50, 100, 200), restarts=10, draws=10,
+                variants=("vae", "iwae", "iwae-dreg", "mapa-k10", "mapa-k90", "mapa-gt",
+                          "mapa-naive")),
+        # Minutes on 2 CPU cores: fewer points, epochs, restarts and draws.
+        Profile("quick", ALL, (10, 50), restarts=2, draws=1,
+                train={"epochs": 60, "n_train": 500, "n_val": 250, "n_test": 1000,
+                       "eval_every": 10, "prior_steps": 1500, "test_grid": 2**14}),
+        # Seconds: the end-to-end test of the whole pipeline.
+        Profile("tiny", ("circle", "absolute-value"), (10,), restarts=2, draws=1,
+                train={"epochs": 3, "n_train": 120, "n_val": 60, "n_test": 120, "eval_every": 1,
+                       "prior_steps": 50, "val_grid": 2**10, "test_grid": 2**11}),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of the protocol."""
+
+    data: str
+    draw: int
+    variant: str
+    samples: int
+    restart: int
+    train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides, as sorted pairs
+
+    def config(self, cache_dir: str | None = None) -> TrainConfig:
+        v = VARIANTS[self.variant]
+        k = max(1, round(v.k_fraction * self.samples)) if v.k_fraction is not None else None
+        return TrainConfig(
+            data=self.data, method=v.method, samples=self.samples, k=k, seed=self.restart,
+            data_seed=self.draw, posterior=v.posterior, estimator=v.estimator,
+            cache_dir=cache_dir, **dict(self.train),
+        )
+
+    @property
+    def key(self) -> str:
+        """A digest of everything the result depends on (the full config)."""
+        cfg = dataclasses.asdict(self.config())
+        cfg.pop("cache_dir")
+        payload = json.dumps({"variant": self.variant, "config": cfg}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def describe(self) -> str:
+        return f"{self.data} draw {self.draw} {self.variant} S={self.samples} restart {self.restart}"
+
+
+def make_jobs(profile: Profile) -> list[Job]:
+    """Every job of a profile; the VAE once per (data, draw, restart), S-independent."""
+    overrides = tuple(sorted(profile.train.items()))
+    jobs = []
+    for data in profile.datasets:
+        for draw in range(profile.draws):
+            for label in profile.variants:
+                grid = profile.samples if VARIANTS[label].uses_samples else (1,)
+                for s in grid:
+                    for r in range(profile.restarts):
+                        jobs.append(Job(data, draw, label, s, r, overrides))
+    return jobs
+
+
+def run_job(job: Job, store: Path, cache_dir: str | None, save_model: bool) -> dict[str, Any]:
+    """Train one job and record its metrics (or its error) in the store."""
+    record: dict[str, Any] = {"job": dataclasses.asdict(job), "key": job.key}
+    t0 = time.perf_counter()
+    try:
+        out = store / "models" / job.key if save_model else None
+        result = train(job.config(cache_dir), out, progress=False)
+        record.update(status="done", metrics=result.metrics)
+    except Exception as e:  # a failed job is reported, never fatal to the sweep
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        record.update(status="failed", error=f"{type(e).__name__}: {first}",
+                      traceback=traceback.format_exc(limit=5))
+    record["seconds"] = time.perf_counter() - t0
+    write_json(store / "jobs" / f"{job.key}.json", record)
+    return record
+
+
+def load_record(store: Path, job: Job) -> dict[str, Any] | None:
+    """The stored record of a finished job, or None (missing, unreadable or failed)."""
+    path = store / "jobs" / f"{job.key}.json"
+    if not path.exists():
+        return None
+    try:
+        record = read_json(path)
+    except MapaError:
+        return None
+    return record if record.get("status") == "done" and record.get("key") == job.key else None
+
+
+def _backend_context(backend: str, address: str | None):
+    import joblib
+
+    if backend == "loky":
+        return joblib.parallel_config(backend="loky")
+    if backend == "ray":
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise MapaError("--backend ray needs Ray: pip install 'mapa-vae[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=address)
+        register_ray()
+        return joblib.parallel_config(backend="ray")
+    if backend == "dask":
+        try:
+            from dask.distributed import Client
+        except ImportError:
+            raise MapaError("--backend dask needs Dask: pip install 'mapa-vae[dask]'") from None
+        Client(address) if address else Client()
+        return joblib.parallel_config(backend="dask")
+    raise MapaError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+def run_jobs(jobs: Sequence[Job], store: str | Path, n_jobs: int = 1, backend: str = "loky",
+             address: str | None = None, cache_dir: str | None = None,
+             save_models: Iterable[Job] = (), progress: bool = True) -> list[dict[str, Any]]:
+    """Run every job not already done; return all records (finished before or now).
+
+    ``save_models``: jobs whose run directory (model, config, metrics) is kept for figures.
+    """
+    import joblib
+
+    store = Path(store)
+    keep = {j.key for j in save_models}
+    records = {j.key: r for j in jobs if (r := load_record(store, j)) is not None}
+    todo = [j for j in jobs if j.key not in records]
+    bar = tqdm(total=len(jobs), initial=len(records), desc="jobs", unit="job", disable=not progress)
+    failed = 0
+    if todo:
+        with _backend_context(backend, address):
+            parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+            for record in parallel(
+                joblib.delayed(run_job)(j, store, cache_dir, j.key in keep) for j in todo
+            ):
+                records[record["key"]] = record
+                failed += record["status"] == "failed"
+                bar.update(1)
+                bar.set_postfix(failed=failed)
+    bar.close()
+    return [records[j.key] for j in jobs]
