@@ -92,6 +92,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
             progress=not args.quiet)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import reproduce
+
+    report = reproduce(args.profile, args.out, n_jobs=args.jobs, backend=args.backend,
+                       address=args.address, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(f"report: {report} (and {report.with_suffix('.html')}); figures in {report.parent / 'figures'}")
+
+
 def cmd_surrogates(args: argparse.Namespace) -> None:
     from .groundtruth import (
         GROUND_TRUTHS,
@@ -191,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--samples", type=int, default=1000, help="importance samples (latent > 1)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("reproduce", help="run the paper's protocol and write figures and a report",
+                       description="Every (data set, draw, method, S, restart) is a job; finished "
+                       "jobs are kept in --out, so an interrupted sweep resumes. Writes report.md, "
+                       "report.html and figures/.")
+    r.add_argument("--profile", choices=["tiny", "quick", "paper"], default="quick",
+                   help="quick: minutes on 2 CPU cores; paper: R = D = 10, 500 epochs; tiny: a smoke test")
+    r.add_argument("--out", default="runs/reproduce", help="output directory (also the job store)")
+    r.add_argument("--jobs", type=int, default=1, help="parallel jobs (-1: all cores)")
+    r.add_argument("--backend", choices=["loky", "ray", "dask"], default="loky",
+                   help="joblib backend: local processes, or a Ray / Dask cluster")
+    r.add_argument("--address", default=None, help="Ray or Dask scheduler address (default: local)")
+    r.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_reproduce)
 
     g = sub.add_parser("surrogates", help="check (or refit) the ground-truth surrogate MLPs",
                        description="Print each surrogate's MSE against its analytic curve on "
