@@ -138,6 +138,9 @@ def make_jobs(profile: Profile) -> list[Job]:
 
 def run_job(job: Job, store: Path, cache_dir: str | None, save_model: bool) -> dict[str, Any]:
     """Train one job and record its metrics (or its error) in the store."""
+    import torch
+
+    torch.set_num_threads(1)  # jobs run side by side; tiny networks gain nothing from threads
     record: dict[str, Any] = {"job": dataclasses.asdict(job), "key": job.key}
     t0 = time.perf_counter()
     try:

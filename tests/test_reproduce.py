@@ -1,0 +1,98 @@
+"""The sweep runner and the one-command reproduction (tiny profile, end to end)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mapa_vae.kernels import GaussianKernel
+from mapa_vae.posterior import compute_posterior, uniform_posterior
+from mapa_vae.reproduce import posterior_kl, reproduce, select_best, summarize
+from mapa_vae.sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
+
+TINY = PROFILES["tiny"]
+
+
+def test_jobs_cover_the_protocol_once():
+    jobs = make_jobs(PROFILES["paper"])
+    per_cell = len(PROFILES["paper"].datasets) * PROFILES["paper"].draws * PROFILES["paper"].restarts
+    s_variants = sum(VARIANTS[v].uses_samples for v in PROFILES["paper"].variants)
+    assert len(jobs) == per_cell * (1 + s_variants * len(PROFILES["paper"].samples))
+    assert len({j.key for j in jobs}) == len(jobs)  # distinct configs, distinct keys
+    job = next(j for j in jobs if j.variant == "mapa-k90" and j.samples == 50)
+    cfg = job.config()
+    assert (cfg.method, cfg.k, cfg.samples, cfg.posterior) == ("mapa", 45, 50, "kernel")
+    assert cfg.epochs == 500 and cfg.n_train == 1000
+
+
+def test_selection_takes_the_best_validation_restart():
+    def rec(restart, val, kl):
+        return {"status": "done", "key": str(restart),
+                "job": {"data": "circle", "draw": 0, "variant": "vae", "samples": 1, "restart": restart},
+                "metrics": {"val_log_lik": val, "test_kl": kl}}
+
+    records = [rec(0, -1.0, 0.5), rec(1, -0.5, 0.9), rec(2, -2.0, 0.1),
+               {"status": "failed", "job": {}, "key": "x"}]
+    best = select_best(records)
+    assert best[("circle", 0, "vae", 1)]["metrics"]["test_kl"] == 0.9  # by validation, not test
+    assert summarize(best)[("circle", "vae", 1)] == {"mean": 0.9, "std": 0.0, "n": 1}
+
+
+def test_posterior_kl_is_zero_for_itself_and_positive_for_uniform(circle_data):
+    post = compute_posterior(circle_data, GaussianKernel(0.01))
+    assert abs(posterior_kl(post, post)) < 1e-12
+    assert posterior_kl(post, uniform_posterior(circle_data.shape[0])) > 1.0
+
+
+def test_sweep_reports_failures_and_keeps_going(tmp_path):
+    """One job that cannot run (k + S > N - 1) is recorded with its error; the rest finish."""
+    prof = Profile("t", ("circle",), (10, 200), restarts=1, draws=1, variants=("vae", "mapa-k10"),
+                   train=TINY.train)
+    jobs = make_jobs(prof)
+    records = run_jobs(jobs, tmp_path, cache_dir=str(tmp_path / "cache"), progress=False)
+    status = {(r["job"]["variant"], r["job"]["samples"]): r["status"] for r in records}
+    assert status == {("vae", 1): "done", ("mapa-k10", 10): "done", ("mapa-k10", 200): "failed"}
+    failed = next(r for r in records if r["status"] == "failed")
+    assert "k + S" in failed["error"] and "\n" not in failed["error"]
+    # a second run retries only the failed job and keeps the finished ones
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").iterdir()}
+    run_jobs(jobs, tmp_path, cache_dir=str(tmp_path / "cache"), progress=False)
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "jobs").iterdir()}
+    changed = {k for k in done if done[k] != again[k]}
+    assert changed == {f"{failed['key']}.json"}
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_profile_end_to_end(tmp_path):
+    md = reproduce("tiny", tmp_path / "rep", n_jobs=1, cache_dir=str(tmp_path / "cache"),
+                   progress=False)
+    text = md.read_text()
+    for claim in ("(a)", "(b)", "(c)", "(d)", "(e)"):
+        assert f"## {claim}" in text
+        section = text.split(f"## {claim}")[1].split("## ")[0]
+        assert "Verdict:" in section
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == text.count("![")  # every figure inline
+    figures = {p.name for p in (tmp_path / "rep" / "figures").iterdir()}
+    assert {"test_kl_vs_S.png", "passes_vs_S.png", "posterior_circle.png",
+            "nonidentifiability_circle.png", "nonidentifiability_absolute-value.png",
+            "samples_circle.png"} <= figures
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert {row["variant"] for row in summary} == set(TINY.variants)
+    # (c) is measured at N = 1000 whatever the profile: MAPA(200) vs IWAE(50) has numbers
+    assert "| circle |" in text.split("## (c)")[1].split("## ")[0]
+    # resuming runs no job again
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "rep" / "jobs").iterdir()}
+    reproduce("tiny", tmp_path / "rep", cache_dir=str(tmp_path / "cache"), progress=False)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert torch.isfinite(torch.tensor([row["mean"] for row in summary])).all()
+
+
+def test_job_key_depends_on_every_config_value():
+    a = Job("circle", 0, "mapa-k10", 10, 0, (("epochs", 3),))
+    assert a.key != Job("circle", 0, "mapa-k10", 10, 0, (("epochs", 4),)).key
+    assert a.key != Job("circle", 1, "mapa-k10", 10, 0, (("epochs", 3),)).key
+    assert a.key != Job("circle", 0, "mapa-gt", 10, 0, (("epochs", 3),)).key
+    assert a.key == Job("circle", 0, "mapa-k10", 10, 0, (("epochs", 3),)).key
