@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mapa-vae",
         description="Train VAEs with MAPA (model-agnostic posterior approximation), VAE or IWAE.",
     )
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the small MLPs here run fastest on one "
+                   "thread and threads contend badly on a busy machine; raise for large models)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="write a sample of a built-in ground-truth data set",
@@ -238,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except MapaError as e:
