@@ -80,8 +80,8 @@ PROFILES: dict[str, Profile] = {
                           "mapa-naive")),
         # Minutes on 2 CPU cores: fewer points, epochs, restarts and draws.
         Profile("quick", ALL, (10, 50), restarts=2, draws=1,
-                train={"epochs": 60, "n_train": 500, "n_val": 250, "n_test": 1000,
-                       "eval_every": 10, "prior_steps": 1500, "test_grid": 2**14}),
+                train={"epochs": 200, "n_train": 500, "n_val": 250, "n_test": 1000,
+                       "eval_every": 10, "test_grid": 2**14}),
         # Seconds: the end-to-end test of the whole pipeline.
         Profile("tiny", ("circle", "absolute-value"), (10,), restarts=2, draws=1,
                 train={"epochs": 3, "n_train": 120, "n_val": 60, "n_test": 120, "eval_every": 1,
@@ -164,6 +164,8 @@ def load_record(store: Path, job: Job) -> dict[str, Any] | None:
     try:
         record = read_json(path)
     except MapaError:
+        return None
+    if not isinstance(record, dict):
         return None
     return record if record.get("status") == "done" and record.get("key") == job.key else None
 
