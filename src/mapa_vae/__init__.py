@@ -11,6 +11,7 @@ from .evaluation import (
     KLEstimate,
     importance_log_likelihood,
     log_likelihood,
+    mixture_proposal_log_likelihood,
     quadrature_log_likelihood,
     test_kl,
 )
@@ -31,8 +32,15 @@ from .models import (
     StandardNormal,
 )
 from .objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
-from .posterior import MapaPosterior, cached_posterior, compute_posterior
+from .posterior import (
+    MapaPosterior,
+    cached_posterior,
+    compute_posterior,
+    ground_truth_posterior,
+    uniform_posterior,
+)
 from .priors import copula_codes, fit_copula_prior
+from .reproduce import reproduce
 from .storage import MapaError
 from .training import Run, TrainConfig, TrainResult, load_run, train
 
@@ -77,13 +85,17 @@ __all__ = [
     "copula_codes",
     "fit_copula_prior",
     "ground_truth",
+    "ground_truth_posterior",
     "importance_log_likelihood",
     "load_array",
     "load_dataset",
     "load_run",
     "log_likelihood",
     "make_ground_truth_data",
+    "mixture_proposal_log_likelihood",
     "quadrature_log_likelihood",
+    "reproduce",
     "test_kl",
     "train",
+    "uniform_posterior",
 ]

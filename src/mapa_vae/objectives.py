@@ -19,9 +19,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution
 
 from .models import LatentVariableModel
 from .posterior import MapaPosterior
+from .storage import MapaError
 
 __all__ = [
     "ELBO",
@@ -108,22 +110,70 @@ class ELBO(Objective):
 
 
 class IWAE(Objective):
-    """The ``S``-sample importance-weighted bound (Burda et al. 2016; paper Eq. 2).
+    """The ``S``-sample importance-weighted bound (Burda et al. 2016; paper Eq. 2), SPEC §5.
 
-    ``L_S(x) = log (1/S) Σ_s w_s``; with ``S = 1`` it is the ELBO under the same draw.
+    ``L_S(x) = log (1/S) Σ_s w_s``, ``w_s = p(x, z_s) / q_φ(z_s | x)``, ``z_s ~ q_φ(· | x)`` drawn
+    by reparameterization; with ``S = 1`` it is the ELBO under the same draw. ``value`` is this
+    bound for every ``estimator``; only the gradient that ``surrogate`` carries to the encoder
+    ``φ`` differs. With ``w̃_s = w_s / Σ_t w_t`` the normalized weights:
+
+    - ``"naive"``: plain autodiff of ``L_S``,
+      ``∇_φ L_S = Σ_s w̃_s (∂ log w_s/∂z_s · ∂z_s/∂φ - ∂_φ log q_φ(z_s | x))``. The score term
+      ``∂_φ log q_φ`` does not vanish as ``q`` approaches the posterior, so the estimator is noisy
+      and its signal-to-noise ratio falls as ``S`` grows (Rainforth et al. 2018).
+    - ``"stl"``: sticking the landing (Roeder et al. 2017), the score term dropped:
+      ``Σ_s w̃_s ∂ log w_s/∂z_s · ∂z_s/∂φ``. It is exactly zero when ``q`` is the true posterior
+      (then ``log w_s = log p(x)`` for every ``z``), but biased for ``S > 1``.
+    - ``"dreg"``: doubly reparameterized (Tucker et al. 2019, the IWAE case):
+      ``Σ_s w̃_s² ∂ log w_s/∂z_s · ∂z_s/∂φ``, unbiased for ``∇_φ L_S`` with lower variance.
+
+    The decoder (and anything else outside ``φ``) gets the IWAE gradient ``Σ_s w̃_s ∇_θ log
+    p_θ(x | z_s)`` under every estimator. One decoder pass serves both: ``log q`` is evaluated so
+    that its gradient flows through ``z`` only (the path derivative), the surrogate is
+    ``logsumexp_s log w_s - log S`` (so ``θ`` sees ``w̃_s``), and for DReG a hook multiplies the
+    gradient arriving at ``z_s`` by ``w̃_s``, turning ``w̃_s`` into ``w̃_s²`` on the path to ``φ``
+    alone. Passes are therefore ``B`` encoder and ``B·S`` decoder rows for all three. For STL and
+    DReG ``value`` is returned detached, since its own gradient would be neither estimator's.
     """
 
-    def __init__(self, samples: int) -> None:
+    ESTIMATORS = ("naive", "stl", "dreg")
+
+    def __init__(self, samples: int, estimator: str = "naive") -> None:
         super().__init__()
         if samples < 1:
             raise ValueError(f"IWAE needs at least one sample, got {samples}")
+        if estimator not in self.ESTIMATORS:
+            choices = ", ".join(self.ESTIMATORS)
+            raise MapaError(f"unknown IWAE estimator {estimator!r}; choose from {choices}")
         self.samples = samples
+        self.estimator = estimator
 
     def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
-        log_w, _ = _log_weights(model, x, self.samples)  # (S, B)
         self.passes.add(x.shape[0], x.shape[0] * self.samples, x.shape[0])
-        value = torch.logsumexp(log_w, 0) - math.log(self.samples)
-        return Bound(value, value)
+        if self.estimator == "naive":
+            log_w, _ = _log_weights(model, x, self.samples)  # (S, B)
+            value = torch.logsumexp(log_w, 0) - math.log(self.samples)
+            return Bound(value, value)
+        q = model.encoder(x)
+        z = q.rsample((self.samples,))  # (S, B, L)
+        log_w = (
+            model.decoder(z).log_prob(x) + model.prior().log_prob(z) - _path_log_prob(q, z)
+        )  # (S, B)
+        if self.estimator == "dreg" and z.requires_grad:
+            w_tilde = torch.softmax(log_w.detach(), 0)  # (S, B)
+            z.register_hook(lambda grad: grad * w_tilde[..., None])
+        surrogate = torch.logsumexp(log_w, 0) - math.log(self.samples)
+        return Bound(surrogate.detach(), surrogate)
+
+
+def _path_log_prob(q: Distribution, z: Tensor) -> Tensor:
+    """``log q_φ(z)`` whose gradient reaches ``φ`` only through ``z`` (the path derivative).
+
+    The score ``∂_φ log q_φ(z)|_z`` enters once with each sign and cancels, so no second encoder
+    pass with detached parameters is needed; the value is ``log q_φ(z)`` exactly.
+    """
+    log_q = q.log_prob(z)
+    return log_q - q.log_prob(z.detach()) + log_q.detach()
 
 
 class MAPA(Objective):

@@ -16,7 +16,9 @@ autoencoder term.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +28,17 @@ from filelock import FileLock
 from torch import Tensor
 
 from .kernels import Kernel
+from .models import Decoder
 from .storage import MapaError, array_digest, atomic_write
 
-__all__ = ["MapaPosterior", "cached_posterior", "compute_posterior", "default_top_k"]
+__all__ = [
+    "MapaPosterior",
+    "cached_posterior",
+    "compute_posterior",
+    "default_top_k",
+    "ground_truth_posterior",
+    "uniform_posterior",
+]
 
 CACHE_FORMAT = 1
 DENSE_LIMIT = 2048  # below this many points, keep the full posterior (K = N) by default
@@ -145,13 +155,26 @@ def compute_posterior(
     if k_keep < 1:
         raise MapaError(f"top_k must be >= 1, got {top_k}")
     x = data.to(device=device, dtype=dtype)
+    return _blocked_top_k(lambda xb: kernel.log_kernel(xb, x), x, k_keep, block_size, dtype)
+
+
+def _blocked_top_k(
+    log_k_of: Callable[[Tensor], Tensor], x: Tensor, k_keep: int, block_size: int, dtype: torch.dtype
+) -> MapaPosterior:
+    """Normalize unnormalized ``log q(i | n)`` rows and keep the top ``K`` of each, in blocks.
+
+    ``log_k_of(x[start:stop])`` gives a block's ``(b, N)`` log-weights. Each row is normalized by
+    its log-sum-exp, its ``K`` largest entries are kept (the point itself forced first) and the
+    log-sum-exp of the rest is stored.
+    """
+    n, device = x.shape[0], x.device
     log_q = torch.empty(n, k_keep, dtype=dtype)
     index = torch.empty(n, k_keep, dtype=torch.int64)
     log_rest = torch.full((n,), -math.inf, dtype=dtype)
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
         rows = torch.arange(start, stop, device=device)
-        log_k = kernel.log_kernel(x[start:stop], x)  # (b, N)
+        log_k = log_k_of(x[start:stop]).to(dtype)  # (b, N)
         log_norm = torch.logsumexp(log_k, -1, keepdim=True)  # (b, 1)
         self_val = log_k[rows - start, rows].clone()
         log_k[rows - start, rows] = math.inf  # the point itself ranks first
@@ -163,6 +186,55 @@ def compute_posterior(
             log_k.scatter_(1, top_idx, -math.inf)
             log_rest[start:stop] = (torch.logsumexp(log_k, -1) - log_norm[:, 0]).cpu()
     return MapaPosterior(log_q, index, log_rest)
+
+
+def uniform_posterior(n: int, top_k: int | None = None, dtype: torch.dtype = torch.float64) -> MapaPosterior:
+    """MAPA-naive's proposal (SPEC §5): ``q(i | n) = 1 / N`` for every ``i``.
+
+    Row ``n`` stores ``n, n+1, …`` (mod ``N``), the point itself first so that ``B_n(1) = {n}``;
+    any fixed order is as good as another when all ``q`` tie. With ``top_k < N`` (default
+    :func:`default_top_k`) the other ``N - K`` indices share the leftover mass ``(N - K) / N``,
+    which the tail sampler spreads uniformly: the proposal stays exactly uniform.
+
+    >>> post = uniform_posterior(4)
+    >>> post.index[1].tolist(), post.log_q[1].exp().tolist()
+    ([1, 2, 3, 0], [0.25, 0.25, 0.25, 0.25])
+    """
+    k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
+    if n < 1 or k_keep < 1:
+        raise MapaError(f"a uniform posterior needs N >= 1 and top_k >= 1, got N={n}, top_k={top_k}")
+    index = (torch.arange(n)[:, None] + torch.arange(k_keep)) % n  # (N, K)
+    log_q = torch.full((n, k_keep), -math.log(n), dtype=dtype)
+    rest = math.log((n - k_keep) / n) if k_keep < n else -math.inf
+    return MapaPosterior(log_q, index, torch.full((n,), rest, dtype=dtype))
+
+
+@torch.no_grad()
+def ground_truth_posterior(
+    x: Tensor, z_true: Tensor, decoder: Decoder, top_k: int | None = None, block_size: int = 1024
+) -> MapaPosterior:
+    """MAPA-GT's proposal (paper Eq. 7, SPEC §5): the true posterior of the empiricalized
+    ground-truth model, whose atoms are the true codes ``z_i`` of the training points ``x_i``:
+
+    ``p(i | x_n) = p(x_n | f_GT(z_i)) / Σ_j p(x_n | f_GT(z_j))``.
+
+    ``x`` ``(N, D)`` and ``z_true`` ``(N, L)`` are the training points and their codes, ``decoder``
+    the ground truth's. Computed in float64 log space in row blocks of ``(b, N)``; the table keeps
+    ``top_k`` entries per row (default :func:`default_top_k`: all ``N`` for small data), sorted
+    descending except that ``n`` itself is first, as :func:`compute_posterior` stores them.
+    """
+    if x.shape[0] != z_true.shape[0]:
+        raise MapaError(f"{x.shape[0]} points but {z_true.shape[0]} true codes were given")
+    n = x.shape[0]
+    k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
+    if k_keep < 1:
+        raise MapaError(f"top_k must be >= 1, got {top_k}")
+    dec = copy.deepcopy(decoder).double()
+    params = dec.net(z_true.double())  # (N, D')
+    return _blocked_top_k(
+        lambda xb: dec.likelihood.pairwise_log_prob(params, xb), x.double(), k_keep, block_size,
+        torch.float64,
+    )
 
 
 def _cache_key(data: Tensor, kernel: Kernel, top_k: int, dtype: torch.dtype) -> str:

@@ -93,7 +93,7 @@ class MonotoneMap(torch.nn.Module):
         w = (t[..., 0] - a0) / (a1 - a0).clamp_min(torch.finfo(a.dtype).tiny)
         return (b0 + w * (b1 - b0))[..., None]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("knots_in", "knots_out"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
@@ -157,6 +157,7 @@ def mapped_model(model: LatentVariableModel, codes: Tensor | None = None,
         z_sorted, star_sorted = codes[order, 0], target_z[order, 0]
         h, h_inv = MonotoneMap(star_sorted, z_sorted), MonotoneMap(z_sorted, star_sorted)
     new = copy.deepcopy(model)
+    assert isinstance(new.encoder, CodeEncoder)
     new.encoder = CodeEncoder(torch.nn.Sequential(new.encoder.net, h_inv))
     new.decoder.net = torch.nn.Sequential(h, new.decoder.net)
     new.prior = StandardNormal(model.latent_dim).to(model.prior.zero.dtype)

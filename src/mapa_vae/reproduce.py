@@ -142,7 +142,9 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     claim_a(rep, summary, prof)
     claim_b(rep, summary, prof)
     passes: dict[tuple[str, str, int], dict[str, float]] = {}
-    datasets = {d: make_ground_truth_data(d, **_sizes(prof), seed=0) for d in prof.datasets}
+    sizes = _sizes(prof)
+    datasets = {d: make_ground_truth_data(d, sizes["n_train"], sizes["n_val"], sizes["n_test"], seed=0)
+                for d in prof.datasets}
     for d in prof.datasets:  # at the paper's scale whatever the profile: S = 200 needs N > 220
         passes.update(measure_passes(make_ground_truth_data(d, 1000, 0, 0, seed=0)))
     figs.append((plot_passes(passes, fig_dir / "passes_vs_S.png"),
