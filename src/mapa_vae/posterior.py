@@ -265,7 +265,7 @@ def cached_posterior(
     n = data.shape[0]
     k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
     key = _cache_key(data, kernel, k_keep, dtype)
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"posterior-{key[:32]}.npz"
     with FileLock(str(path) + ".lock"):

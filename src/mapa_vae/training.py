@@ -12,14 +12,19 @@ test set (test KL when the ground truth is known) and write the run directory:
 - ``checkpoint.pt``: optimizer, RNG states and progress, for ``--resume``;
 - ``metrics.json`` and ``history.json``.
 
-A step whose loss is not finite is skipped (the weights do not change) and counted in
-``metrics.json``; a checkpoint never holds a non-finite tensor.
+A step whose loss, decoder output or gradient is not finite is skipped (the weights and the
+optimizer state do not change) and counted in ``metrics.json``; a checkpoint never holds a
+non-finite tensor. ``--resume`` refuses a checkpoint written under another configuration (only
+``epochs`` and ``cache_dir`` may change), and the result files carry their config, so a model
+file left by an earlier or interrupted run is never read as this run's. ``config.json`` is
+written last, with the results: an interrupted run leaves the previous complete run readable.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import random
 import time
@@ -45,7 +50,7 @@ def default_cache_dir() -> Path:
     """``$MAPA_VAE_CACHE`` or ``~/.cache/mapa-vae``."""
     import os
 
-    return Path(os.environ.get("MAPA_VAE_CACHE", Path.home() / ".cache" / "mapa-vae"))
+    return Path(os.environ.get("MAPA_VAE_CACHE", Path.home() / ".cache" / "mapa-vae")).expanduser()
 
 
 @dataclass
@@ -107,7 +112,7 @@ class TrainConfig:
             samples=self.samples,
             k=self.mapa_k,
             top_k=self.top_k,
-            cache_dir=Path(self.cache_dir) if self.cache_dir else default_cache_dir(),
+            cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir(),
             prior_steps=self.prior_steps,
             val_grid=self.val_grid,
             seed=self.seed,
@@ -160,6 +165,37 @@ def _finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def _grads_finite(model: torch.nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+# Fields that may differ between a checkpoint and the run that resumes it.
+_RESUMABLE = ("epochs", "cache_dir")
+
+
+def _config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir",)) -> str:
+    """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _check_resumable(ck: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    if "config" not in ck:  # a checkpoint from before configs were stored
+        return
+    try:
+        before = json.loads(ck["config"])
+    except (TypeError, ValueError):
+        raise MapaError(f"{path}: not a mapa-vae checkpoint (unreadable config)") from None
+    now = json.loads(_config_json(cfg, drop=_RESUMABLE))
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in _RESUMABLE and before.get(k) != now.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+        raise MapaError(f"--resume: {path} was written with another configuration ({diffs}); "
+                        "only --epochs may change")
+
+
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
           resume: bool = False) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data``; write the run to ``out_dir`` if given."""
@@ -168,8 +204,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
     lik_config = _likelihood_config(cfg, data)
     likelihood = make_likelihood(lik_config)
-    for split, x in (("train", data.train), ("validation", data.val), ("test", data.test)):
-        likelihood.check_data(x, f"{cfg.data} ({split})")
+    full = data.unsplit()  # a user's file: check it in its own row order, so rows mean its rows
+    checks = [(full, cfg.data)] if full is not None else [
+        (x, f"{cfg.data} ({split})")
+        for split, x in (("train", data.train), ("validation", data.val), ("test", data.test))
+    ]
+    for x, where in checks:
+        likelihood.check_data(x, where)
+    del full, checks
     setting = cfg.setting()
     _seed_everything(cfg.seed)
     dtype = torch.float32
@@ -185,16 +227,25 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         if out is None or not (out / "checkpoint.pt").exists():
             raise MapaError(f"--resume: no checkpoint in {out}")
         ck = load_tensors(out / "checkpoint.pt")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        best_state, best_val, best_epoch = ck["best_model"], ck["best_val"], ck["best_epoch"]
-        start_epoch, skipped, history = ck["epoch"], ck["skipped"], ck["history"]
-        torch.set_rng_state(ck["torch_rng"])
-    if out is not None:
-        write_json(out / "config.json", {**dataclasses.asdict(cfg), "data_dim": data.dim,
-                                         "likelihood_config": lik_config})
+        _check_resumable(ck, cfg, out / "checkpoint.pt")
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            best_state, best_val, best_epoch = ck["best_model"], ck["best_val"], ck["best_epoch"]
+            start_epoch, skipped, history = ck["epoch"], ck["skipped"], ck["history"]
+            torch.set_rng_state(ck["torch_rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MapaError(f"{out / 'checkpoint.pt'}: does not fit this run ({first})") from None
 
     n = train_x.shape[0]
+    decoder_finite: list[torch.Tensor] = []  # per training forward: is the decoder output finite?
+
+    def watch_decoder(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            decoder_finite.append(torch.isfinite(output).all())  # no device sync here
+
+    hook = model.decoder.net.register_forward_hook(watch_decoder)
     objective.passes.reset()
     t0 = time.perf_counter()
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}", disable=not progress,
@@ -205,13 +256,18 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         bound_sum = 0.0
         for start in range(0, n, cfg.batch_size):
             index = perm[start : start + cfg.batch_size]
+            decoder_finite.clear()
             bound = objective(model, train_x[index], index)
             loss = -bound.surrogate.mean()
-            if not torch.isfinite(loss):
+            if not bool(torch.stack([torch.isfinite(loss), *decoder_finite]).all()):
                 skipped += 1  # policy: skip the step and count it; weights stay as they were
                 continue
             opt.zero_grad()
             loss.backward()
+            if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
+                opt.zero_grad()
+                skipped += 1
+                continue
             opt.step()
             bound_sum += float(bound.value.detach().sum())
         record = {"epoch": epoch + 1, "train_bound": bound_sum / n}
@@ -230,10 +286,11 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "best_model": best_state, "best_val": best_val, "best_epoch": best_epoch,
                     "epoch": epoch + 1, "skipped": skipped, "history": history,
-                    "torch_rng": torch.get_rng_state(),
+                    "torch_rng": torch.get_rng_state(), "config": _config_json(cfg, _RESUMABLE),
                 })
         else:
             history.append(record)
+    hook.remove()
     train_seconds = time.perf_counter() - t0
     bar.close()
 
@@ -259,11 +316,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     }
     metrics.update(evaluate_final(final, data, cfg.test_grid))
     trained = model
-    if out is not None:
-        save_tensors(out / "model.pt", {"model": final.state_dict()})
-        save_tensors(out / "trained.pt", {"model": trained.state_dict()})
+    if out is not None:  # config.json last: until then an earlier complete run stays readable
+        tag = _config_json(cfg)
+        save_tensors(out / "model.pt", {"model": final.state_dict(), "config": tag})
+        save_tensors(out / "trained.pt", {"model": trained.state_dict(), "config": tag})
         write_json(out / "metrics.json", metrics)
         write_json(out / "history.json", history)
+        write_json(out / "config.json", {**dataclasses.asdict(cfg), "data_dim": data.dim,
+                                         "likelihood_config": lik_config})
     return TrainResult(cfg, final, trained, data, metrics, history)
 
 
@@ -306,7 +366,13 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
     method = METHODS[cfg.method]
     arch = _architecture(cfg, data_dim)
     likelihood = make_likelihood(lik_config)
-    state = load_tensors(run / f"{which}.pt")["model"]
+    saved = load_tensors(run / f"{which}.pt")
+    if "config" in saved and saved["config"] != _config_json(cfg):
+        raise MapaError(f"{run / f'{which}.pt'} was written by another run than {run / 'config.json'} "
+                        "(an interrupted or concurrent run?); train again or --resume")
+    if "model" not in saved:
+        raise MapaError(f"{run / f'{which}.pt'}: not a mapa-vae model file")
+    state = saved["model"]
     if which == "model":
         model = method.build_final(arch, likelihood, cfg.setting())
     else:
