@@ -94,6 +94,8 @@ def test_unknown_method_and_bad_values_are_rejected():
         TrainConfig(method="vampire")
     with pytest.raises(MapaError, match="epochs"):
         TrainConfig(epochs=0)
+    with pytest.raises(MapaError, match="latent_dim = 1"):
+        TrainConfig(method="mapa", latent_dim=2)
     with pytest.raises(MapaError, match="neither a built-in data set"):
         train(TrainConfig(data="spiral"), progress=False)
 

@@ -99,6 +99,9 @@ class TrainConfig:
             raise MapaError(f"unknown posterior {self.posterior!r}; choose from {', '.join(POSTERIORS)}")
         if self.estimator not in ESTIMATORS:
             raise MapaError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+        if self.method == "mapa" and self.latent_dim != 1:
+            raise MapaError("MAPA's prior is the copula map, defined for latent_dim = 1; a flow or "
+                            "mixture prior for larger latents is not implemented yet")
         if self.prior_fit not in PRIOR_FITS:
             raise MapaError(f"unknown prior fit {self.prior_fit!r}; choose from {', '.join(PRIOR_FITS)}")
 
