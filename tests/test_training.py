@@ -145,3 +145,11 @@ def test_binary_data_trains_with_unit_interval_likelihoods(tmp_path, likelihood,
     assert run.model.decoder.likelihood.name == likelihood
     samples = run.model.sample(20)
     assert samples.shape == (20, 12) and ((samples >= 0) & (samples <= 1)).all()
+
+
+def test_two_dimensional_latent_trains_and_evaluates_by_importance_sampling(tmp_path):
+    result = train(tiny(tmp_path, method="vae", latent_dim=2), tmp_path / "run", progress=False)
+    assert torch.isfinite(torch.tensor(result.metrics["test_log_lik"]))
+    assert result.metrics["test_kl"] > 0
+    run = load_run(tmp_path / "run")
+    assert run.model.latent_dim == 2 and run.model.sample(10).shape == (10, 2)
