@@ -49,6 +49,15 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _s_axis(ax, grid: Sequence[int]) -> None:
+    """A log-scaled S axis labelled at the grid values only."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(grid), [str(g) for g in grid])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_kl_vs_samples(summary: Mapping[tuple[str, str, int], Mapping[str, float]],
                        path: str | Path) -> Path:
     """``summary[(data, variant, S)] = {"mean", "std"}`` of the test KL over draws."""
@@ -72,8 +81,7 @@ def plot_kl_vs_samples(summary: Mapping[tuple[str, str, int], Mapping[str, float
             m = [p[1]["mean"] for p in pts]
             e = [p[1]["std"] for p in pts]
             ax.errorbar(s, m, yerr=e, marker="o", ms=4, capsize=3, label=v, color=COLORS.get(v))
-        ax.set_xscale("log")
-        ax.set_xticks(grid, [str(g) for g in grid])
+        _s_axis(ax, grid)
         ax.set_yscale("symlog", linthresh=0.01)
         ax.set_title(data)
         ax.set_xlabel("S")
@@ -95,7 +103,7 @@ def plot_passes(passes: Mapping[tuple[str, str, int], Mapping[str, float]], path
                 pts = sorted((s, r[kind]) for (d, m, s), r in passes.items() if d == data and m == method)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=method,
                         color=COLORS.get(method))
-            ax.set_xscale("log")
+            _s_axis(ax, sorted({s for d, _, s in passes if d == data}))
             ax.set_yscale("log")
             ax.set_title(f"{data}: {kind}", fontsize=9)
             ax.set_xlabel("S")
