@@ -15,7 +15,8 @@ import hashlib
 import json
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,29 +171,40 @@ def load_record(store: Path, job: Job) -> dict[str, Any] | None:
     return record if record.get("status") == "done" and record.get("key") == job.key else None
 
 
-def _backend_context(backend: str, address: str | None):
+@contextmanager
+def _backend(backend: str, address: str | None) -> Iterator[None]:
+    """joblib's backend for the sweep; a Ray or Dask client opened here is closed here."""
     import joblib
 
+    if backend not in BACKENDS:
+        raise MapaError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "loky":
-        return joblib.parallel_config(backend="loky")
-    if backend == "ray":
+        with joblib.parallel_config(backend="loky"):
+            yield
+    elif backend == "ray":
         try:
             import ray
             from ray.util.joblib import register_ray
         except ImportError:
             raise MapaError("--backend ray needs Ray: pip install 'mapa-vae[ray]'") from None
-        if not ray.is_initialized():
+        started = not ray.is_initialized()
+        if started:
             ray.init(address=address)
         register_ray()
-        return joblib.parallel_config(backend="ray")
-    if backend == "dask":
+        try:
+            with joblib.parallel_config(backend="ray"):
+                yield
+        finally:
+            if started:
+                ray.shutdown()
+    else:
         try:
             from dask.distributed import Client
         except ImportError:
             raise MapaError("--backend dask needs Dask: pip install 'mapa-vae[dask]'") from None
-        Client(address) if address else Client()
-        return joblib.parallel_config(backend="dask")
-    raise MapaError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        with Client(address) if address else Client(processes=True), \
+                joblib.parallel_config(backend="dask"):
+            yield
 
 
 def run_jobs(jobs: Sequence[Job], store: str | Path, n_jobs: int = 1, backend: str = "loky",
@@ -211,7 +223,7 @@ def run_jobs(jobs: Sequence[Job], store: str | Path, n_jobs: int = 1, backend: s
     bar = tqdm(total=len(jobs), initial=len(records), desc="jobs", unit="job", disable=not progress)
     failed = 0
     if todo:
-        with _backend_context(backend, address):
+        with _backend(backend, address):
             parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")
             for record in parallel(
                 joblib.delayed(run_job)(j, store, cache_dir, j.key in keep) for j in todo
