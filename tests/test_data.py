@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import pathlib
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from mapa_vae.cli import main
 from mapa_vae.data import check_array, load_array, load_dataset, make_ground_truth_data
 from mapa_vae.groundtruth import circle
 from mapa_vae.storage import MapaError
+from mapa_vae.training import TrainConfig, train
 
 GOOD = np.arange(12, dtype=np.float64).reshape(6, 2) / 10
 
@@ -65,6 +70,29 @@ def _missing(tmp: Path) -> Path:
     return tmp / "no-such-file.npy"
 
 
+def _bytes(content: bytes, name: str) -> Callable[[Path], Path]:
+    def write(tmp: Path) -> Path:
+        path = tmp / name
+        path.write_bytes(content)
+        return path
+
+    return write
+
+
+def _pickle_as_npy(tmp: Path) -> Path:
+    path = tmp / "pickled.npy"
+    path.write_bytes(pickle.dumps(_Explodes(tmp / "pwned")))
+    return path
+
+
+def _truncated_npy(tmp: Path) -> Path:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones((100, 3)))
+    path = tmp / "truncated.npy"
+    path.write_bytes(buffer.getvalue()[:200])
+    return path
+
+
 # (id, writer, expected_dim, fragments the message must contain besides the path)
 BAD_INPUTS = [
     ("nan-npy", _npy(_with(np.nan, 3, 1)), None, ["row 3", "column 1"]),
@@ -87,6 +115,18 @@ BAD_INPUTS = [
     ("txt-extension", _text("1,2\n3,4\n", "data.txt"), None, [".txt"]),
     ("missing-file", _missing, None, ["not found"]),
     ("wrong-dim", _npy(GOOD), 3, ["2 features", "expects 3"]),
+    # a file that is not what its name says, or not text at all
+    ("pickle-as-npy", _pickle_as_npy, None, ["not a .npy file"]),
+    ("text-as-npy", _text("1,2\n3,4\n", "text.npy"), None, ["not a .npy file"]),
+    ("truncated-npy", _truncated_npy, None, ["not a valid .npy file"]),
+    ("non-utf8-csv", _bytes("h\xe9ight,w\n1,2\n3,4\n".encode("latin-1"), "latin.csv"), None, ["UTF-8"]),
+    ("binary-csv", _bytes(b"\xff\xfe\x00\x01\x02", "binary.csv"), None, ["UTF-8"]),
+    ("huge-field-csv", _text("1,2\n3," + "4" * 200_000 + "\n"), None, ["row 2", "CSV"]),
+    ("string-dtype-npy", _npy(np.array([["a", "b"], ["c", "d"]])), None, ["numeric", "<U1"]),
+    ("complex-npy", _npy(GOOD.astype(complex)), None, ["complex"]),
+    # finite in float64 but not in float32, the precision models train in
+    ("float32-overflow-npy", _npy(_with(1e39, 4, 1)), None, ["row 4", "column 1", "float32"]),
+    ("float32-overflow-csv", _text("a,b\n1,2\n3,-1e39\n"), None, ["row 3", "column 2", "float32"]),
 ]
 
 
@@ -116,6 +156,102 @@ def test_object_npy_is_refused_without_unpickling(tmp_path):
     with pytest.raises(MapaError, match="object"):
         load_array(path)
     assert not (tmp_path / "pwned").exists()
+
+
+# --- the same bad files through the training API and the CLI ------------------------------------
+
+
+def _binary_with(value: float, row: int, col: int) -> np.ndarray:
+    a = (np.random.default_rng(0).random((50, 3)) < 0.5).astype(np.float64)
+    a[row, col] = value
+    return a
+
+
+def _gaussian_rows(n: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(n, 2))
+
+
+# What the loader reports for a bad file is what training reports; a file that is missing or of
+# the wrong type is "neither a built-in data set nor a .npy/.csv file" to training.
+_AS_SOURCE = {"txt-extension": ["neither a built-in"], "missing-file": ["neither a built-in"]}
+# (id, writer, TrainConfig overrides, fragments, whether the message names the file)
+TRAIN_INPUTS = [
+    (i, w, {}, _AS_SOURCE.get(i, f), True) for i, w, d, f in BAD_INPUTS if d is None
+] + [
+    ("bernoulli-outside-0-1", _npy(_binary_with(2.0, 37, 2)), {"likelihood": "bernoulli"},
+     ["row 37", "column 2", "[0, 1]"], True),  # the file's row, not a row of a shuffled split
+    ("bernoulli-negative", _npy(_binary_with(-0.5, 3, 0)), {"likelihood": "continuous-bernoulli"},
+     ["row 3", "column 0", "[0, 1]"], True),
+    ("too-few-rows-to-split", _npy(_gaussian_rows(9)), {}, ["9 rows"], True),
+    ("gaussian-needs-noise-var", _npy(_gaussian_rows(50)), {"noise_var": None}, ["--noise-var"], True),
+    ("k-plus-S-at-least-N", _npy(_gaussian_rows(50)), {"samples": 40},
+     ["k + S = 44", "N - 1 = 39"], False),  # 40 training points
+]
+
+
+def _train_config(path: Path, tmp: Path, **overrides) -> TrainConfig:
+    fields = {"data": str(path), "method": "mapa", "noise_var": 0.01, "samples": 5, "epochs": 1,
+              "hidden": (8,), "eval_every": 1, "val_grid": 256, "test_grid": 256,
+              "cache_dir": str(tmp / "cache"), **overrides}
+    return TrainConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("write", "overrides", "fragments", "names_file"),
+    [pytest.param(w, o, f, n, id=i) for i, w, o, f, n in TRAIN_INPUTS],
+)
+def test_bad_input_through_training_api(tmp_path, write, overrides, fragments, names_file):
+    path = write(tmp_path)
+    with pytest.raises(MapaError) as info:
+        train(_train_config(path, tmp_path, **overrides), tmp_path / "run", progress=False)
+    message = str(info.value)
+    assert "\n" not in message
+    assert (str(path) in message) == names_file, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert not (tmp_path / "pwned").exists()
+    run = tmp_path / "run"
+    assert not run.exists() or not any(run.iterdir())  # nothing half-done is left behind
+
+
+@pytest.mark.parametrize(
+    ("write", "overrides", "fragments", "names_file"),
+    [pytest.param(w, o, f, n, id=i) for i, w, o, f, n in TRAIN_INPUTS],
+)
+def test_bad_input_through_cli(tmp_path, write, overrides, fragments, names_file):
+    path = write(tmp_path)
+    cfg = _train_config(path, tmp_path, **overrides)
+    argv = ["train", "--data", str(path), "--method", cfg.method, "--samples", str(cfg.samples),
+            "--epochs", "1", "--hidden", "8", "--likelihood", cfg.likelihood,
+            "--cache-dir", cfg.cache_dir or "", "--out", str(tmp_path / "run"), "--quiet"]
+    if cfg.noise_var is not None:
+        argv += ["--noise-var", str(cfg.noise_var)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    line = err.getvalue()
+    assert line.startswith("mapa-vae: error: ") and line.count("\n") == 1, line
+    assert "Traceback" not in line and out.getvalue() == ""
+    assert (str(path) in line) == names_file, line
+    for fragment in fragments:
+        assert fragment in line, line
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_csv_byte_order_mark_keeps_the_first_row(tmp_path):
+    """Excel writes UTF-8 with a BOM: the first data row must not be mistaken for a header."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeff1,2\r\n3,4\r\n5,6\r\n".encode())
+    np.testing.assert_array_equal(load_array(path), [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    path.write_bytes("\ufeffx,y\r\n3,4\r\n5,6\r\n".encode())
+    np.testing.assert_array_equal(load_array(path), [[3.0, 4.0], [5.0, 6.0]])
+
+
+def test_boolean_npy_becomes_float64(tmp_path):
+    np.save(tmp_path / "bits.npy", np.array([[True, False], [False, True]]))
+    out = load_array(tmp_path / "bits.npy")
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, [[1.0, 0.0], [0.0, 1.0]])
 
 
 def test_integer_npy_becomes_float64(tmp_path):

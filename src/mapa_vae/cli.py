@@ -1,7 +1,8 @@
 """The ``mapa-vae`` command line: data, train, sample, evaluate, compare.
 
 Every user error (bad file, bad value, unknown name) is printed as one line,
-``mapa-vae: error: …``, and the command exits with status 2.
+``mapa-vae: error: …``, and the command exits with status 2; a system error (disk full, I/O
+error) is one such line too, with status 1.
 """
 
 from __future__ import annotations
@@ -249,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MapaError as e:
         print(f"mapa-vae: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the system's side (disk full, I/O error): one line too, exit status 1
+        print(f"mapa-vae: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mapa-vae: interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,9 @@ from .storage import MapaError
 
 __all__ = ["Dataset", "check_array", "load_array", "load_dataset", "make_ground_truth_data"]
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+_TOO_LARGE = f"is too large: models train in float32, |x| <= {FLOAT32_MAX:.3g}"
+
 
 @dataclass
 class Dataset:
@@ -34,10 +37,19 @@ class Dataset:
     z_train: Tensor | None = None
     z_val: Tensor | None = None
     z_test: Tensor | None = None
+    order: Tensor | None = None  # a user's file: the file row of each row of train, val, test
 
     @property
     def dim(self) -> int:
         return self.train.shape[1]
+
+    def unsplit(self) -> Tensor | None:
+        """A user's file in its own row order (so errors can name its rows), else None."""
+        if self.order is None:
+            return None
+        x = torch.empty((self.order.shape[0], self.dim), dtype=self.train.dtype)
+        x[self.order] = torch.cat([self.train, self.val, self.test])
+        return x
 
 
 def make_ground_truth_data(
@@ -72,7 +84,7 @@ def load_dataset(
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     n_va = n_te = max(1, x.shape[0] // 10)
     va, te, tr = perm[:n_va], perm[n_va : n_va + n_te], perm[n_va + n_te :]
-    return Dataset(path.stem, x[tr], x[va], x[te])
+    return Dataset(path.stem, x[tr], x[va], x[te], order=torch.cat([tr, va, te]))
 
 
 def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
@@ -88,6 +100,9 @@ def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
         raise MapaError(f"{path}: file is empty")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        with path.open("rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise MapaError(f"{path}: not a .npy file (no NumPy header); write it with numpy.save")
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as e:
@@ -104,8 +119,15 @@ def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> np.ndarray:
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    # utf-8-sig: a byte-order mark (Excel writes one) must not turn the first row into a "header"
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            rows = [row for row in reader if any(cell.strip() for cell in row)]
+        except UnicodeDecodeError as e:
+            raise MapaError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
+        except csv.Error as e:
+            raise MapaError(f"{path}: row {reader.line_num}: not valid CSV ({e})") from None
     if not rows:
         raise MapaError(f"{path}: file has no data rows")
     start = 0
@@ -126,6 +148,8 @@ def _read_csv(path: Path) -> np.ndarray:
                 raise MapaError(msg) from None
             if not np.isfinite(values[r - start - 1, c]):  # name the cell as the file counts it
                 raise MapaError(f"{path}: non-finite value {cell.strip()!r} at row {r}, column {c + 1}")
+            if abs(values[r - start - 1, c]) > FLOAT32_MAX:
+                raise MapaError(f"{path}: value {cell.strip()!r} at row {r}, column {c + 1} {_TOO_LARGE}")
     return values
 
 
@@ -141,8 +165,8 @@ def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) ->
     """Return ``arr`` as a C-contiguous float64 ``(n, D)`` array or raise a one-line error.
 
     Refuses non-numeric dtypes, a rank other than 2, no rows or columns, fewer than two rows,
-    NaN or ±inf (naming the first bad row and column), and a ``D`` other than ``expected_dim``.
-    Integer and boolean data are converted to float.
+    NaN or ±inf or values beyond float32's range (naming the first bad row and column), and a
+    ``D`` other than ``expected_dim``. Integer and boolean data are converted to float.
     """
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise MapaError(f"{where}: data must be numeric, found dtype {arr.dtype}")
@@ -159,6 +183,10 @@ def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) ->
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise MapaError(f"{where}: non-finite value {out[row, col]} at row {row}, column {col}")
+    big = np.abs(out) > FLOAT32_MAX
+    if big.any():
+        row, col = (int(v) for v in np.argwhere(big)[0])
+        raise MapaError(f"{where}: value {out[row, col]:g} at row {row}, column {col} {_TOO_LARGE}")
     if expected_dim is not None and out.shape[1] != expected_dim:
         raise MapaError(f"{where}: data has {out.shape[1]} features, the model expects {expected_dim}")
     return out

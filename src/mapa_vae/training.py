@@ -154,7 +154,8 @@ def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
         noise_var = cfg.noise_var
         if noise_var is None:
             if data.truth is None:
-                raise MapaError("--noise-var is required for a Gaussian likelihood on your own data")
+                raise MapaError(f"{cfg.data}: --noise-var is required for a Gaussian likelihood on "
+                                "your own data")
             noise_var = data.truth.noise_var
         return {"name": "gaussian", "noise_var": noise_var}
     return {"name": cfg.likelihood, "rho": cfg.rho}
