@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -168,8 +167,3 @@ def plot_posteriors(x: Tensor, points: Sequence[int], panels: Sequence[Posterior
     fig.suptitle(title)
     return _save(fig, path)
 
-
-def passes_table(rows: Mapping[tuple[str, str, int], Mapping[str, Any]]) -> list[list[str]]:
-    """Rows of (data, method, S, decoder, enc+dec) for a report table."""
-    return [[d, m, str(s), f"{r['decoder']:.2f}", f"{r['encoder+decoder']:.2f}"]
-            for (d, m, s), r in rows.items()]

@@ -28,7 +28,7 @@ from .models import (
     StandardNormal,
 )
 from .objectives import ELBO, IWAE, MAPA, EmpiricalLogLikelihood, Objective
-from .posterior import MapaPosterior, cached_posterior
+from .posterior import MapaPosterior, cached_posterior, ground_truth_posterior, uniform_posterior
 from .priors import fit_copula_prior, mapped_model
 from .storage import MapaError
 
@@ -156,8 +156,6 @@ class MapaMethod(Method):
         if setting.posterior == "kernel":
             kernel = model.decoder.likelihood.kernel()
             return cached_posterior(train, kernel, setting.cache_dir, setting.top_k)[0]
-        from .posterior import ground_truth_posterior, uniform_posterior
-
         if setting.posterior == "uniform":  # MAPA-naive
             return uniform_posterior(train.shape[0])
         if setting.posterior == "ground-truth":  # MAPA-GT, Eq. 7

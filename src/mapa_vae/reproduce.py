@@ -28,7 +28,7 @@ from .kernels import GaussianKernel
 from .methods import METHODS, Architecture
 from .models import GaussianLikelihood
 from .objectives import IWAE, MAPA
-from .posterior import MapaPosterior, compute_posterior
+from .posterior import MapaPosterior, compute_posterior, ground_truth_posterior, uniform_posterior
 from .report import Report
 from .storage import write_json
 from .sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
@@ -257,8 +257,6 @@ def claim_c(rep: Report, passes, prof: Profile) -> None:
 
 
 def _posteriors(ds: Dataset) -> tuple[MapaPosterior, MapaPosterior]:
-    from .posterior import ground_truth_posterior
-
     assert ds.truth is not None and ds.z_train is not None
     mapa = compute_posterior(ds.train, GaussianKernel(ds.truth.noise_var))
     exact = ground_truth_posterior(ds.train, ds.z_train, ds.truth.decoder)
@@ -273,8 +271,6 @@ def _points(ds: Dataset, count: int = 4) -> list[int]:
 
 
 def claim_d(rep: Report, datasets: dict[str, Dataset], figs, fig_dir: Path) -> None:
-    from .posterior import uniform_posterior
-
     rep.heading("(d) q(i | n) tracks the true posterior")
     rows, ok = [], 0
     for d, ds in datasets.items():
@@ -295,8 +291,6 @@ def claim_d(rep: Report, datasets: dict[str, Dataset], figs, fig_dir: Path) -> N
 
 
 def claim_e(rep: Report, datasets: dict[str, Dataset], best, out: Path, figs, fig_dir: Path) -> None:
-    from .posterior import ground_truth_posterior
-
     rep.heading("(e) q(i | n) tracks the posterior of two decoders with the same p(x) equally well")
     rows, ok = [], 0
     for d in ("absolute-value", "circle"):
