@@ -268,11 +268,9 @@ class LatentVariableModel(nn.Module):
         return self.prior.latent_dim
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, mean: bool = False) -> Tensor:
         """Draw ``n`` new points by the generative process; ``mean`` skips the observation noise."""
-        device = self.prior.zero.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device,
-                        dtype=self.prior.zero.dtype)
+        z = self.prior().sample((n,))  # (n, L)
         if mean:
             return self.decoder.mean(z)
         return self.decoder(z).sample()
