@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .distributed import resolve_device
 from .storage import MapaError, atomic_write
 
 __all__ = ["build_parser", "main"]
@@ -48,7 +49,7 @@ def _config_from_args(args: argparse.Namespace):
         rho=args.rho, hidden=tuple(args.hidden), top_k=args.top_k, eval_every=args.eval_every,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
         prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
-        prior_fit=args.prior_fit,
+        prior_fit=args.prior_fit, device=args.device,
     )
 
 
@@ -62,10 +63,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .training import load_run
 
-    model = load_run(args.run).model
+    model = load_run(args.run).model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
     x = model.sample(args.n, mean=args.mean)
-    _save_npy(args.out, x.numpy())
+    _save_npy(args.out, x.cpu().numpy())
     print(f"wrote {args.n} {'decoder means' if args.mean else 'samples'} to {args.out}")
 
 
@@ -75,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .training import load_run
 
     run = load_run(args.run)
-    model = run.model
+    model = run.model.to(resolve_device(args.device))
     x = torch.from_numpy(load_array(args.data, expected_dim=run.data_dim))
     model.decoder.likelihood.check_data(x, args.data)
     torch.manual_seed(args.seed)
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-steps", type=int, default=4000,
                    help="with --prior-fit refit: full-batch steps per new network (default 4000)")
     t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
+    t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where to train (auto: cuda if available); under torchrun each process "
+                   "uses its local GPU and gradients are summed across processes")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="run directory")
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--mean", action="store_true", help="write decoder means, no observation noise")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     s.add_argument("--out", required=True, help="output .npy file")
     s.set_defaults(func=cmd_sample)
 
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", type=int, default=2**16, help="quadrature points (1-D latent)")
     e.add_argument("--samples", type=int, default=1000, help="importance samples (latent > 1)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("reproduce", help="run the paper's protocol and write figures and a report",

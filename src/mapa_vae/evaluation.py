@@ -44,6 +44,13 @@ DEFAULT_GRID = 2**16
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def _device(module: torch.nn.Module, x: Tensor) -> torch.device:
+    """Where ``module`` lives (its first parameter or buffer), else where ``x`` is."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return x.device
+
+
 def _float64(module: M) -> M:
     return copy.deepcopy(module).double().eval()
 
@@ -61,16 +68,17 @@ def quadrature_log_likelihood(decoder: Decoder, x: Tensor, grid: int = DEFAULT_G
     True
     """
     dec = _float64(decoder)
-    u = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    device = _device(dec, x)
+    u = (torch.arange(grid, dtype=torch.float64, device=device) + 0.5) / grid
     z = torch.special.ndtri(u)[:, None]  # (M, 1)
     params = dec.net(z)  # (M, D')
-    x = x.to(torch.float64)
+    x = x.to(device, torch.float64)
     chunk = max(1, 2**24 // (grid * max(1, params.shape[-1])))
     out = [
         torch.logsumexp(dec.likelihood.pairwise_log_prob(params, x[i : i + chunk]), -1)
         for i in range(0, x.shape[0], chunk)
     ]  # each (c,)
-    return torch.cat(out) - math.log(grid)
+    return (torch.cat(out) - math.log(grid)).cpu()
 
 
 def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float, defensive: float) -> Distribution:
@@ -82,7 +90,8 @@ def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float, defensiv
         loc, scale = enc, torch.full_like(enc, code_scale)
     locs = torch.stack([loc, torch.zeros_like(loc)], -2)  # (B, 2, L)
     scales = torch.stack([scale, torch.ones_like(scale)], -2)  # (B, 2, L)
-    weights = torch.tensor([1.0 - defensive, defensive], dtype=loc.dtype).expand(loc.shape[0], 2)
+    weights = torch.tensor([1.0 - defensive, defensive], dtype=loc.dtype, device=loc.device)
+    weights = weights.expand(loc.shape[0], 2)
     return MixtureSameFamily(Categorical(probs=weights), Independent(Normal(locs, scales), 1))
 
 
@@ -97,7 +106,7 @@ def importance_log_likelihood(
     support and tails cover the posterior's. In expectation it is a lower bound on ``log p(x)``.
     """
     m = _float64(model)
-    x = x.to(torch.float64)
+    x = x.to(_device(m, x), torch.float64)
     out = []
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk]
@@ -105,7 +114,7 @@ def importance_log_likelihood(
         z = r.sample((samples,))  # (S, b, L)
         log_w = m.decoder(z).log_prob(xb) + m.prior().log_prob(z) - r.log_prob(z)  # (S, b)
         out.append(torch.logsumexp(log_w, 0) - math.log(samples))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 class ReparameterizedMixture(MixtureSameFamily):

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, load_dataset
+from .distributed import DEVICES, init_parallel, resolve_device
 from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
 from .methods import ESTIMATORS, METHODS, POSTERIORS, Architecture, Method, Setting
 from .models import LatentVariableModel, make_likelihood
@@ -84,6 +85,7 @@ class TrainConfig:
     prior_fit: str = "map"  # MAPA's copula prior: map (exact monotone map) | refit (paper C.3)
     prior_steps: int = 4000  # refit only: full-batch steps for each new network
     cache_dir: str | None = None  # posterior cache; None = $MAPA_VAE_CACHE or ~/.cache/mapa-vae
+    device: str = "cpu"  # cpu | cuda | auto; under torchrun each process takes its local GPU
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     def __post_init__(self) -> None:
@@ -102,6 +104,8 @@ class TrainConfig:
         if self.method == "mapa" and self.latent_dim != 1:
             raise MapaError("MAPA's prior is the copula map, defined for latent_dim = 1; a flow or "
                             "mixture prior for larger latents is not implemented yet")
+        if self.device not in DEVICES:
+            raise MapaError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.prior_fit not in PRIOR_FITS:
             raise MapaError(f"unknown prior fit {self.prior_fit!r}; choose from {', '.join(PRIOR_FITS)}")
 
@@ -175,7 +179,7 @@ def _grads_finite(model: torch.nn.Module) -> bool:
 
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE = ("epochs", "cache_dir")
+_RESUMABLE = ("epochs", "cache_dir", "device")
 
 
 def _config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir",)) -> str:
@@ -217,10 +221,13 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         likelihood.check_data(x, where)
     del full, checks
     setting = cfg.setting()
+    par = init_parallel(cfg.device)
+    device = resolve_device(cfg.device, par.local_rank)
+    out = out if par.main else None  # only rank 0 writes
     _seed_everything(cfg.seed)
     dtype = torch.float32
-    train_x, val_x = data.train.to(dtype), data.val.to(dtype)
-    model = method.build(_architecture(cfg, data.dim), likelihood).to(dtype)
+    train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
+    model = method.build(_architecture(cfg, data.dim), likelihood).to(device, dtype)
     objective = method.objective(model, train_x, setting, data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
@@ -252,29 +259,32 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     hook = model.decoder.net.register_forward_hook(watch_decoder)
     objective.passes.reset()
     t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}", disable=not progress,
-               initial=start_epoch, total=cfg.epochs, leave=False)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
+               disable=not (progress and par.main), initial=start_epoch, total=cfg.epochs, leave=False)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n)
         bound_sum = 0.0
         for start in range(0, n, cfg.batch_size):
             index = perm[start : start + cfg.batch_size]
+            local = par.shard(index).to(device)  # this process's share of the global batch
             decoder_finite.clear()
-            bound = objective(model, train_x[index], index)
-            loss = -bound.surrogate.mean()
-            if not bool(torch.stack([torch.isfinite(loss), *decoder_finite]).all()):
+            bound = objective(model, train_x[local], local)
+            loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
+            ok = bool(torch.stack([torch.isfinite(loss), *decoder_finite]).all())
+            if not par.all_true(ok, device):
                 skipped += 1  # policy: skip the step and count it; weights stay as they were
                 continue
             opt.zero_grad()
             loss.backward()
+            par.sum_gradients(model)
             if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
                 opt.zero_grad()
                 skipped += 1
                 continue
             opt.step()
             bound_sum += float(bound.value.detach().sum())
-        record = {"epoch": epoch + 1, "train_bound": bound_sum / n}
+        record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / n}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             model.eval()
             with torch.no_grad():
@@ -298,10 +308,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     train_seconds = time.perf_counter() - t0
     bar.close()
 
+    if not par.main:  # the other replicas are done: rank 0 finalizes, evaluates and writes
+        par.close()
+        return TrainResult(cfg, model, model, data, {}, history)
+    par.close()
     model.load_state_dict(best_state)
-    model.eval()
+    model = model.cpu().eval()  # finalizing and evaluating are cheap, and exact, on the CPU
     t1 = time.perf_counter()
-    final, info = method.finalize(model, train_x, setting)
+    final, info = method.finalize(model, train_x.cpu(), setting)
     prior_seconds = time.perf_counter() - t1
     metrics: dict[str, Any] = {
         "method": cfg.method,
