@@ -46,10 +46,12 @@ def _config_from_args(args: argparse.Namespace):
         data=args.data, method=args.method, samples=args.samples, k=args.k, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
         noise_var=args.noise_var, latent_dim=args.latent_dim, likelihood=args.likelihood,
-        rho=args.rho, hidden=tuple(args.hidden), top_k=args.top_k, eval_every=args.eval_every,
+        rho=args.rho, hidden=tuple(args.hidden), activation=args.activation, top_k=args.top_k,
+        eval_every=args.eval_every,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
         prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
-        prior_fit=args.prior_fit, device=args.device,
+        prior_fit=args.prior_fit, device=args.device, network=args.network,
+        channels=tuple(args.channels), image_shape=tuple(args.image_shape) if args.image_shape else None,
     )
 
 
@@ -124,8 +126,10 @@ def cmd_surrogates(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .groundtruth import GROUND_TRUTHS
+    from .images import IMAGE_DATASETS
 
     names = ", ".join(GROUND_TRUTHS)
+    images = ", ".join(IMAGE_DATASETS)
     p = argparse.ArgumentParser(
         prog="mapa-vae",
         description="Train VAEs with MAPA (model-agnostic posterior approximation), VAE or IWAE.",
@@ -147,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write it with config and metrics",
                        description="Train MAPA, VAE or IWAE; writes config.json, model.pt, "
                        "metrics.json (val/test log-likelihood, test KL, time, passes) to --out.")
-    t.add_argument("--data", required=True, help=f"built-in data set ({names}) or a .npy/.csv file")
+    t.add_argument("--data", required=True,
+                   help=f"built-in data set ({names}; images: {images}) or a .npy/.csv file")
     t.add_argument("--method", choices=["mapa", "vae", "iwae"], default="mapa")
     t.add_argument("--samples", "-S", type=int, default=100, help="S: importance samples / tail draws")
     t.add_argument("--k", type=int, default=None, help="MAPA's top-k (default: 10%% of S)")
@@ -162,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--likelihood", choices=["gaussian", "bernoulli", "continuous-bernoulli"],
                    default="gaussian")
     t.add_argument("--rho", type=float, default=0.9, help="Bernoulli kernel softening in (0.5, 1)")
-    t.add_argument("--hidden", type=int, nargs="+", default=[50, 50, 50], help="MLP widths")
+    t.add_argument("--hidden", type=int, nargs="+", default=[50, 50, 50],
+                   help="MLP widths (conv: widths of the fully connected head)")
+    t.add_argument("--activation", choices=["tanh", "relu", "leaky_relu", "silu"], default="tanh")
+    t.add_argument("--network", choices=["mlp", "conv"], default="mlp",
+                   help="conv: a small conv encoder/decoder for images")
+    t.add_argument("--channels", type=int, nargs="+", default=[32, 64],
+                   help="conv: channels of the stride-2 layers")
+    t.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                   help="conv on your own file: the image shape of each (flattened) row")
     t.add_argument("--top-k", type=int, default=None,
                    help="neighbours stored per point in the MAPA posterior (default: all up to 2048)")
     t.add_argument("--eval-every", type=int, default=10, help="epochs between validation checks")

@@ -72,10 +72,14 @@ def load_dataset(
     """
     if source in GROUND_TRUTHS:
         return make_ground_truth_data(source, n_train, n_val, n_test, seed)
+    from .images import IMAGE_DATASETS, load_image_dataset  # images.py imports this module
+
+    if source in IMAGE_DATASETS:
+        return load_image_dataset(source, n_train, n_val, n_test, seed)
     path = Path(source)
     if path.suffix.lower() not in {".npy", ".csv"} or not path.exists():
         raise MapaError(
-            f"{source!r} is neither a built-in data set ({', '.join(GROUND_TRUTHS)}) "
+            f"{source!r} is neither a built-in data set ({', '.join([*GROUND_TRUTHS, *IMAGE_DATASETS])}) "
             "nor an existing .npy or .csv file"
         )
     x = torch.from_numpy(load_array(path))

@@ -9,17 +9,18 @@ method means adding one class here and one entry in :data:`METHODS`; the loop is
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .architectures import build_networks
 from .data import Dataset
 from .evaluation import quadrature_log_likelihood
 from .models import (
-    MLP,
     CodeEncoder,
     Decoder,
     GaussianEncoder,
@@ -37,12 +38,21 @@ __all__ = ["METHODS", "Architecture", "IWAEMethod", "MapaMethod", "Method", "VAE
 
 @dataclass(frozen=True)
 class Architecture:
-    """Sizes shared by every method: data and latent dimensions, MLP widths, activation."""
+    """What every method's networks share: sizes, widths, activation, and the network kind
+    (``mlp``, or ``conv`` for images of ``image_shape`` ``(C, H, W)``)."""
 
     data_dim: int
     latent_dim: int
     hidden: tuple[int, ...]
     activation: str
+    network: str = "mlp"
+    image_shape: tuple[int, int, int] | None = None
+    channels: tuple[int, ...] = (32, 64)
+
+    def networks(self) -> tuple[Callable[[int], nn.Module], nn.Module]:
+        """An encoder-network factory (by output width) and the decoder network."""
+        return build_networks(self.network, self.data_dim, self.latent_dim, self.image_shape,
+                              self.hidden, self.activation, self.channels)
 
 
 @dataclass(frozen=True)
@@ -95,16 +105,15 @@ class Method(ABC):
         return self.build(arch, likelihood)
 
 
-def _decoder(arch: Architecture, likelihood: Likelihood) -> Decoder:
-    return Decoder(MLP(arch.latent_dim, arch.data_dim, arch.hidden, arch.activation), likelihood)
 
 
 class _GaussianEncoderMethod(Method, ABC):
     """VAE and IWAE: mean-field Gaussian ``q(z | x)``, ``N(0, I)`` prior, quadrature validation."""
 
     def build(self, arch: Architecture, likelihood: Likelihood) -> LatentVariableModel:
-        enc = GaussianEncoder(MLP(arch.data_dim, 2 * arch.latent_dim, arch.hidden, arch.activation))
-        return LatentVariableModel(enc, _decoder(arch, likelihood), StandardNormal(arch.latent_dim))
+        encoder_net, decoder_net = arch.networks()
+        enc = GaussianEncoder(encoder_net(2 * arch.latent_dim))  # mean and log-scale
+        return LatentVariableModel(enc, Decoder(decoder_net, likelihood), StandardNormal(arch.latent_dim))
 
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
                                   setting: Setting) -> float:
@@ -140,8 +149,9 @@ class MapaMethod(Method):
     name = "mapa"
 
     def build(self, arch: Architecture, likelihood: Likelihood) -> LatentVariableModel:
-        enc = CodeEncoder(MLP(arch.data_dim, arch.latent_dim, arch.hidden, arch.activation))
-        return LatentVariableModel(enc, _decoder(arch, likelihood), StandardNormal(arch.latent_dim))
+        encoder_net, decoder_net = arch.networks()
+        enc = CodeEncoder(encoder_net(arch.latent_dim))
+        return LatentVariableModel(enc, Decoder(decoder_net, likelihood), StandardNormal(arch.latent_dim))
 
     def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
                   data: Dataset | None = None) -> Objective:

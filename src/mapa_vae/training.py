@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import NETWORKS
 from .data import Dataset, load_dataset
 from .distributed import DEVICES, init_parallel, resolve_device
 from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
@@ -76,6 +77,9 @@ class TrainConfig:
     latent_dim: int = 1
     hidden: tuple[int, ...] = (50, 50, 50)  # the ground truth's 3 × 50
     activation: str = "tanh"
+    network: str = "mlp"  # mlp | conv (images: a small conv encoder and decoder)
+    channels: tuple[int, ...] = (32, 64)  # conv: channels of the stride-2 layers
+    image_shape: tuple[int, int, int] | None = None  # conv on a file: (C, H, W); built-ins know
     top_k: int | None = None  # neighbours stored per point; None = all up to 2048 points
     posterior: str = "kernel"  # MAPA's q(i|n): kernel | ground-truth (MAPA-GT) | uniform (naive)
     estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg (Roeder; Tucker)
@@ -90,6 +94,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
+        self.channels = tuple(self.channels)
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)  # type: ignore[assignment]
+        if self.network not in NETWORKS:
+            raise MapaError(f"unknown network {self.network!r}; choose from {', '.join(NETWORKS)}")
         if self.method not in METHODS:
             raise MapaError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         for name in ("samples", "epochs", "batch_size", "latent_dim", "eval_every"):
@@ -166,7 +175,11 @@ def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
 
 
 def _architecture(cfg: TrainConfig, data_dim: int) -> Architecture:
-    return Architecture(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation)
+    from .images import IMAGE_DATASETS, image_shape
+
+    shape = cfg.image_shape or (image_shape(cfg.data) if cfg.data in IMAGE_DATASETS else None)
+    return Architecture(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation, cfg.network, shape,
+                        cfg.channels)
 
 
 def _finite(state: dict[str, torch.Tensor]) -> bool:
