@@ -250,10 +250,10 @@ def test_conv_nets_pass_gradients_everywhere(shape: tuple[int, int, int]) -> Non
 
 def test_build_networks() -> None:
     enc_net, dec_net = build_networks("conv", 64, 2, image_shape=(1, 8, 8), hidden=(32,))
-    assert isinstance(enc_net(4), ConvEncoderNet) and isinstance(dec_net, ConvDecoderNet)
-    assert enc_net(4)(torch.rand(3, 64)).shape == (3, 4) and dec_net(torch.rand(3, 2)).shape == (3, 64)
+    assert isinstance(enc_net(4), ConvEncoderNet) and isinstance(dec_net(), ConvDecoderNet)
+    assert enc_net(4)(torch.rand(3, 64)).shape == (3, 4) and dec_net()(torch.rand(3, 2)).shape == (3, 64)
     mlp_enc, mlp_dec = build_networks("mlp", 64, 2, hidden=(16,))
-    assert mlp_enc(2)(torch.rand(3, 64)).shape == (3, 2) and mlp_dec(torch.rand(3, 2)).shape == (3, 64)
+    assert mlp_enc(2)(torch.rand(3, 64)).shape == (3, 2) and mlp_dec()(torch.rand(3, 2)).shape == (3, 64)
     with pytest.raises(MapaError, match="image shape"):
         build_networks("conv", 64, 2)
     with pytest.raises(MapaError, match="64 columns"):

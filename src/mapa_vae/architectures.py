@@ -132,8 +132,11 @@ def build_networks(
     hidden: Sequence[int] = (50, 50, 50),
     activation: str = "tanh",
     channels: Sequence[int] = (32, 64),
-) -> tuple[Callable[[int], nn.Module], nn.Module]:
-    """The encoder's network as a function of its output width, and the decoder's network.
+) -> tuple[Callable[[int], nn.Module], Callable[[], nn.Module]]:
+    """Factories for the encoder's network (given its output width) and the decoder's network.
+
+    Both are built lazily, so the caller fixes the order in which their weights are drawn
+    (mapa-vae builds the encoder first: the same seed gives the same networks as ever).
 
     ``kind="mlp"``: :class:`~mapa_vae.models.MLP` s with hidden widths ``hidden``.
     ``kind="conv"``: :class:`ConvEncoderNet` with conv widths ``channels`` and
@@ -145,12 +148,12 @@ def build_networks(
     >>> enc_net, dec_net = build_networks("conv", 64, 2, image_shape=(1, 8, 8), hidden=(32,))
     >>> enc = GaussianEncoder(enc_net(2 * 2))  # a VAE's; MAPA's is CodeEncoder(enc_net(2))
     >>> z = enc(torch.rand(5, 64)).rsample((3,))  # (S, B, L)
-    >>> tuple(Decoder(dec_net, BernoulliLikelihood())(z).log_prob(torch.rand(5, 64)).shape)
+    >>> tuple(Decoder(dec_net(), BernoulliLikelihood())(z).log_prob(torch.rand(5, 64)).shape)
     (3, 5)
     """
     if kind == "mlp":
-        decoder = MLP(latent_dim, data_dim, hidden, activation)
-        return (lambda out: MLP(data_dim, out, hidden, activation)), decoder
+        return (lambda out: MLP(data_dim, out, hidden, activation),
+                lambda: MLP(latent_dim, data_dim, hidden, activation))
     if kind != "conv":
         raise MapaError(f"unknown network kind {kind!r}; choose from {', '.join(NETWORKS)}")
     if image_shape is None:
@@ -161,5 +164,5 @@ def build_networks(
     shape = tuple(image_shape)
     return (
         lambda out: ConvEncoderNet(shape, out, channels, hidden, activation),
-        ConvDecoderNet(latent_dim, shape, tuple(reversed(channels)), hidden, activation),
+        lambda: ConvDecoderNet(latent_dim, shape, tuple(reversed(channels)), hidden, activation),
     )

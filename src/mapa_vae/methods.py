@@ -49,8 +49,8 @@ class Architecture:
     image_shape: tuple[int, int, int] | None = None
     channels: tuple[int, ...] = (32, 64)
 
-    def networks(self) -> tuple[Callable[[int], nn.Module], nn.Module]:
-        """An encoder-network factory (by output width) and the decoder network."""
+    def networks(self) -> tuple[Callable[[int], nn.Module], Callable[[], nn.Module]]:
+        """Factories for the encoder network (by output width) and the decoder network."""
         return build_networks(self.network, self.data_dim, self.latent_dim, self.image_shape,
                               self.hidden, self.activation, self.channels)
 
@@ -112,8 +112,8 @@ class _GaussianEncoderMethod(Method, ABC):
 
     def build(self, arch: Architecture, likelihood: Likelihood) -> LatentVariableModel:
         encoder_net, decoder_net = arch.networks()
-        enc = GaussianEncoder(encoder_net(2 * arch.latent_dim))  # mean and log-scale
-        return LatentVariableModel(enc, Decoder(decoder_net, likelihood), StandardNormal(arch.latent_dim))
+        enc = GaussianEncoder(encoder_net(2 * arch.latent_dim))  # mean and log-scale; built first
+        return LatentVariableModel(enc, Decoder(decoder_net(), likelihood), StandardNormal(arch.latent_dim))
 
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
                                   setting: Setting) -> float:
@@ -150,8 +150,8 @@ class MapaMethod(Method):
 
     def build(self, arch: Architecture, likelihood: Likelihood) -> LatentVariableModel:
         encoder_net, decoder_net = arch.networks()
-        enc = CodeEncoder(encoder_net(arch.latent_dim))
-        return LatentVariableModel(enc, Decoder(decoder_net, likelihood), StandardNormal(arch.latent_dim))
+        enc = CodeEncoder(encoder_net(arch.latent_dim))  # built first
+        return LatentVariableModel(enc, Decoder(decoder_net(), likelihood), StandardNormal(arch.latent_dim))
 
     def objective(self, model: LatentVariableModel, train: Tensor, setting: Setting,
                   data: Dataset | None = None) -> Objective:
