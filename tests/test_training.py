@@ -94,8 +94,8 @@ def test_unknown_method_and_bad_values_are_rejected():
         TrainConfig(method="vampire")
     with pytest.raises(MapaError, match="epochs"):
         TrainConfig(epochs=0)
-    with pytest.raises(MapaError, match="latent_dim = 1"):
-        TrainConfig(method="mapa", latent_dim=2)
+    with pytest.raises(MapaError, match="unknown code prior"):
+        TrainConfig(method="mapa", latent_dim=2, code_prior="kde")
     with pytest.raises(MapaError, match="neither a built-in data set"):
         train(TrainConfig(data="spiral"), progress=False)
 
@@ -153,3 +153,18 @@ def test_two_dimensional_latent_trains_and_evaluates_by_importance_sampling(tmp_
     assert result.metrics["test_kl"] > 0
     run = load_run(tmp_path / "run")
     assert run.model.latent_dim == 2 and run.model.sample(10).shape == (10, 2)
+
+
+@pytest.mark.parametrize("code_prior", ["flow", "mixture"])
+def test_mapa_with_a_two_dimensional_latent_fits_a_code_prior(tmp_path, code_prior):
+    """L > 1: a flow or mixture fitted to the codes is the prior; the run reloads from disk."""
+    cfg = tiny(tmp_path, method="mapa", latent_dim=2, code_prior=code_prior, code_prior_steps=50,
+               flow_hidden=(16, 16))
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.metrics["prior_kind"] == code_prior
+    assert torch.isfinite(torch.tensor(result.metrics["test_log_lik"]))
+    run = load_run(tmp_path / "run")
+    z = torch.randn(7, 2)
+    torch.testing.assert_close(run.model.prior().log_prob(z), result.model.prior().log_prob(z),
+                               rtol=0, atol=0)
+    assert run.model.sample(10).shape == (10, 2)

@@ -6,6 +6,8 @@ model-agnostic posterior over indices, Eq. 8), :mod:`~mapa_vae.objectives` (one 
 (quadrature log-likelihood, test KL), :mod:`~mapa_vae.training` and :mod:`~mapa_vae.cli`.
 """
 
+from .architectures import ConvDecoderNet, ConvEncoderNet, build_networks
+from .code_priors import CodePrior, FlowPrior, MixturePrior, build_code_prior, fit_code_prior
 from .data import Dataset, check_array, load_array, load_dataset, make_ground_truth_data
 from .evaluation import (
     KLEstimate,
@@ -17,6 +19,7 @@ from .evaluation import (
 )
 from .experiments import compare
 from .groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
+from .images import IMAGE_DATASETS, digits, image_shape, load_image_dataset, mnist1d, sprites
 from .kernels import BernoulliKernel, GaussianKernel, Kernel
 from .methods import METHODS, Method
 from .models import (
@@ -29,6 +32,7 @@ from .models import (
     GaussianLikelihood,
     LatentVariableModel,
     Likelihood,
+    Prior,
     StandardNormal,
 )
 from .objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
@@ -49,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ELBO",
     "GROUND_TRUTHS",
+    "IMAGE_DATASETS",
     "IWAE",
     "MAPA",
     "METHODS",
@@ -58,10 +63,14 @@ __all__ = [
     "BernoulliLikelihood",
     "Bound",
     "CodeEncoder",
+    "CodePrior",
     "ContinuousBernoulliLikelihood",
+    "ConvDecoderNet",
+    "ConvEncoderNet",
     "Dataset",
     "Decoder",
     "EmpiricalLogLikelihood",
+    "FlowPrior",
     "GaussianEncoder",
     "GaussianKernel",
     "GaussianLikelihood",
@@ -73,28 +82,38 @@ __all__ = [
     "MapaError",
     "MapaPosterior",
     "Method",
+    "MixturePrior",
     "Objective",
+    "Prior",
     "Run",
     "StandardNormal",
     "TrainConfig",
     "TrainResult",
+    "build_code_prior",
+    "build_networks",
     "cached_posterior",
     "check_array",
     "compare",
     "compute_posterior",
     "copula_codes",
+    "digits",
+    "fit_code_prior",
     "fit_copula_prior",
     "ground_truth",
     "ground_truth_posterior",
+    "image_shape",
     "importance_log_likelihood",
     "load_array",
     "load_dataset",
+    "load_image_dataset",
     "load_run",
     "log_likelihood",
     "make_ground_truth_data",
     "mixture_proposal_log_likelihood",
+    "mnist1d",
     "quadrature_log_likelihood",
     "reproduce",
+    "sprites",
     "test_kl",
     "train",
     "uniform_posterior",

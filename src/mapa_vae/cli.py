@@ -51,6 +51,9 @@ def _config_from_args(args: argparse.Namespace):
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
         prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
         prior_fit=args.prior_fit, device=args.device, network=args.network,
+        code_prior=args.code_prior, code_prior_steps=args.code_prior_steps,
+        prior_components=args.prior_components, flow_transforms=args.flow_transforms,
+        flow_hidden=tuple(args.flow_hidden),
         channels=tuple(args.channels), image_shape=tuple(args.image_shape) if args.image_shape else None,
     )
 
@@ -191,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-fit", choices=["map", "refit"], default="map",
                    help="MAPA's N(0,1) prior: compose with the exact monotone copula map (default) "
                    "or refit new networks as in the paper's App. C.3")
+    t.add_argument("--code-prior", choices=["flow", "mixture"], default="flow",
+                   help="MAPA with --latent-dim > 1: a neural spline flow (zuko) or a Gaussian "
+                   "mixture fitted to the learned codes becomes the prior")
+    t.add_argument("--code-prior-steps", type=int, default=2000,
+                   help="flow: Adam steps (early stopping on held-out codes); mixture: EM iterations")
+    t.add_argument("--prior-components", type=int, default=10, help="mixture prior components")
+    t.add_argument("--flow-transforms", type=int, default=3, help="flow prior: spline layers")
+    t.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64],
+                   help="flow prior: hypernetwork widths")
     t.add_argument("--prior-steps", type=int, default=4000,
                    help="with --prior-fit refit: full-batch steps per new network (default 4000)")
     t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
-from .models import MLP, Decoder, LatentVariableModel
+from .models import MLP, Decoder, LatentVariableModel, StandardNormal
 from .objectives import IWAE
 
 __all__ = [
@@ -81,18 +81,12 @@ def quadrature_log_likelihood(decoder: Decoder, x: Tensor, grid: int = DEFAULT_G
     return (torch.cat(out) - math.log(grid)).cpu()
 
 
-def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float, defensive: float) -> Distribution:
-    """``(1 - a) q(z | x) + a p(z)``; for a deterministic encoder, ``q = N(g(x), code_scale²)``."""
+def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float) -> Distribution:
+    """``q(z | x)``: the model's encoder, or ``N(g(x), code_scale²)`` for a deterministic one."""
     enc = model.encoder(x)
     if isinstance(enc, Distribution):
-        loc, scale = enc.mean, enc.stddev
-    else:
-        loc, scale = enc, torch.full_like(enc, code_scale)
-    locs = torch.stack([loc, torch.zeros_like(loc)], -2)  # (B, 2, L)
-    scales = torch.stack([scale, torch.ones_like(scale)], -2)  # (B, 2, L)
-    weights = torch.tensor([1.0 - defensive, defensive], dtype=loc.dtype, device=loc.device)
-    weights = weights.expand(loc.shape[0], 2)
-    return MixtureSameFamily(Categorical(probs=weights), Independent(Normal(locs, scales), 1))
+        return enc
+    return Independent(Normal(enc, torch.full_like(enc, code_scale)), 1)
 
 
 @torch.no_grad()
@@ -102,17 +96,24 @@ def importance_log_likelihood(
 ) -> Tensor:
     """Importance-sampled ``log p(x)`` ``(B,)``: ``log (1/S) Σ_s p(x, z_s) / r(z_s | x)``.
 
-    ``r`` is the model's encoder mixed with the prior (weight ``defensive``) so that its
-    support and tails cover the posterior's. In expectation it is a lower bound on ``log p(x)``.
+    ``r = (1 - a) q(z | x) + a p(z)`` mixes the encoder's proposal with the model's own prior
+    (``a = defensive``), so every weight is at most ``p(x | z) / a``: the support and tails
+    cover the posterior's whatever the prior is (a flow fitted to MAPA's codes, or N(0, I)).
+    In expectation it is a lower bound on ``log p(x)``.
     """
     m = _float64(model)
     x = x.to(_device(m, x), torch.float64)
     out = []
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk]
-        r = _proposal(m, xb, code_scale, defensive)
-        z = r.sample((samples,))  # (S, b, L)
-        log_w = m.decoder(z).log_prob(xb) + m.prior().log_prob(z) - r.log_prob(z)  # (S, b)
+        q, p = _proposal(m, xb, code_scale), m.prior()
+        zq = q.sample((samples,))  # (S, b, L)
+        zp = p.sample((samples, xb.shape[0]))  # (S, b, L)
+        pick = torch.rand(samples, xb.shape[0], 1, device=x.device) < defensive
+        z = torch.where(pick, zp, zq)
+        log_p_z = p.log_prob(z)  # (S, b)
+        log_r = torch.logaddexp(math.log1p(-defensive) + q.log_prob(z), math.log(defensive) + log_p_z)
+        log_w = m.decoder(z).log_prob(xb) + log_p_z - log_r  # (S, b)
         out.append(torch.logsumexp(log_w, 0) - math.log(samples))
     return torch.cat(out).cpu()
 
@@ -233,8 +234,8 @@ def mixture_proposal_log_likelihood(
 
 def log_likelihood(model: LatentVariableModel, x: Tensor, grid: int = DEFAULT_GRID,
                    samples: int = 1000) -> Tensor:
-    """``log p(x)`` by quadrature when the latent is 1-D, else by importance sampling."""
-    if model.latent_dim == 1:
+    """``log p(x)`` by quadrature for a 1-D latent under N(0, 1), else by importance sampling."""
+    if model.latent_dim == 1 and isinstance(model.prior, StandardNormal):
         return quadrature_log_likelihood(model.decoder, x, grid)
     return importance_log_likelihood(model, x, samples)
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .architectures import build_networks
+from .code_priors import build_code_prior, fit_code_prior
 from .data import Dataset
 from .evaluation import quadrature_log_likelihood
 from .models import (
@@ -69,6 +70,9 @@ class Setting:
     posterior: str = "kernel"  # MAPA's q(i|n): kernel (MAPA) | ground-truth (MAPA-GT) | uniform
     estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg
     prior_fit: str = "map"  # MAPA's copula prior: map (exact) | refit (paper's Eq. 39–40)
+    code_prior: str = "flow"  # MAPA, L > 1: flow | mixture fitted to the codes
+    code_prior_steps: int = 2000
+    code_prior_config: tuple[tuple[str, Any], ...] = ()  # the prior's constructor arguments
 
 
 POSTERIORS = ("kernel", "ground-truth", "uniform")
@@ -181,6 +185,10 @@ class MapaMethod(Method):
 
     def finalize(self, model: LatentVariableModel, train: Tensor,
                  setting: Setting) -> tuple[LatentVariableModel, dict[str, Any]]:
+        if model.latent_dim > 1:
+            return fit_code_prior(model, train, kind=setting.code_prior,
+                                  steps=setting.code_prior_steps, seed=setting.seed,
+                                  **dict(setting.code_prior_config))
         final, fit = fit_copula_prior(model, train, method=setting.prior_fit,
                                       steps=setting.prior_steps, seed=setting.seed)
         return final, {"prior_encoder_mse": fit.encoder_mse, "prior_decoder_kl": fit.decoder_kl}
@@ -188,6 +196,10 @@ class MapaMethod(Method):
     def build_final(self, arch: Architecture, likelihood: Likelihood,
                     setting: Setting) -> LatentVariableModel:
         model = self.build(arch, likelihood)
+        if arch.latent_dim > 1:
+            model.prior = build_code_prior(setting.code_prior, arch.latent_dim,
+                                           **dict(setting.code_prior_config))
+            return model
         return mapped_model(model) if setting.prior_fit == "map" else model
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "GaussianLikelihood",
     "LatentVariableModel",
     "Likelihood",
+    "Prior",
     "StandardNormal",
     "make_likelihood",
 ]
@@ -232,7 +233,16 @@ class CodeEncoder(nn.Module):
         return self.net(x)
 
 
-class StandardNormal(nn.Module):
+class Prior(nn.Module, ABC):
+    """A prior ``p(z)``: ``forward()`` (no input) returns a distribution with event shape ``(L,)``."""
+
+    latent_dim: int
+
+    @abstractmethod
+    def forward(self) -> Distribution: ...
+
+
+class StandardNormal(Prior):
     """The prior ``p(z) = N(0, I_L)``."""
 
     zero: Tensor
@@ -255,9 +265,9 @@ class LatentVariableModel(nn.Module):
 
     encoder: nn.Module
     decoder: Decoder
-    prior: StandardNormal
+    prior: Prior
 
-    def __init__(self, encoder: nn.Module, decoder: Decoder, prior: StandardNormal) -> None:
+    def __init__(self, encoder: nn.Module, decoder: Decoder, prior: Prior) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

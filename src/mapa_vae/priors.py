@@ -22,6 +22,8 @@ measures instead of the bound.
 
 The result is a :class:`~mapa_vae.models.LatentVariableModel` with a standard-normal prior,
 which is evaluated and sampled exactly like a VAE.
+
+For ``L > 1`` see :mod:`mapa_vae.code_priors`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.distributions import kl_divergence
+from torch.distributions import (
+    kl_divergence,
+)
 
 from .models import CodeEncoder, LatentVariableModel, StandardNormal
 from .storage import MapaError
 
-__all__ = ["PRIOR_FITS", "CopulaFit", "MonotoneMap", "copula_codes", "fit_copula_prior"]
+__all__ = [
+    "PRIOR_FITS",
+    "CopulaFit",
+    "MonotoneMap",
+    "copula_codes",
+    "fit_copula_prior",
+    "mapped_model",
+]
 
 PRIOR_FITS = ("map", "refit")
 
@@ -54,8 +65,8 @@ def copula_codes(z: Tensor) -> Tensor:
 
     >>> z = torch.tensor([[3.0], [-1.0], [10.0], [0.5]])
     >>> u = copula_codes(z)
-    >>> bool((u.argsort(0) == z.argsort(0)).all()), round(float(u.mean()), 6), round(float(u.std()), 6)
-    (True, 0.0, 1.0)
+    >>> bool((u.argsort(0) == z.argsort(0)).all()), abs(float(u.mean())) < 1e-6, round(float(u.std()), 6)
+    (True, True, 1.0)
     """
     if z.ndim != 2 or z.shape[1] != 1:
         raise MapaError(f"the copula prior needs a 1-D latent, got codes of shape {tuple(z.shape)}")
@@ -160,7 +171,7 @@ def mapped_model(model: LatentVariableModel, codes: Tensor | None = None,
     assert isinstance(new.encoder, CodeEncoder)
     new.encoder = CodeEncoder(torch.nn.Sequential(new.encoder.net, h_inv))
     new.decoder.net = torch.nn.Sequential(h, new.decoder.net)
-    new.prior = StandardNormal(model.latent_dim).to(model.prior.zero.dtype)
+    new.prior = StandardNormal(model.latent_dim).to(next(model.parameters()).dtype)
     return new.requires_grad_(False)
 
 

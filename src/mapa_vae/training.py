@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architectures import NETWORKS
+from .code_priors import CODE_PRIORS
 from .data import Dataset, load_dataset
 from .distributed import DEVICES, init_parallel, resolve_device
 from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
@@ -86,8 +87,13 @@ class TrainConfig:
     eval_every: int = 10  # epochs between validation scores (and checkpoints)
     val_grid: int = 2**12  # quadrature grid for validation; the final test uses 2**16
     test_grid: int = DEFAULT_GRID
-    prior_fit: str = "map"  # MAPA's copula prior: map (exact monotone map) | refit (paper C.3)
+    prior_fit: str = "map"  # MAPA, L = 1: copula map (exact monotone map) | refit (paper C.3)
     prior_steps: int = 4000  # refit only: full-batch steps for each new network
+    code_prior: str = "flow"  # MAPA, L > 1: flow (neural spline flow) | mixture (full-cov GMM)
+    code_prior_steps: int = 2000  # flow: Adam steps (early stop on 10 % held-out codes); mixture: EM
+    prior_components: int = 10  # mixture prior: Gaussian components
+    flow_transforms: int = 3  # flow prior: autoregressive spline layers
+    flow_hidden: tuple[int, ...] = (64, 64)  # flow prior: hypernetwork widths
     cache_dir: str | None = None  # posterior cache; None = $MAPA_VAE_CACHE or ~/.cache/mapa-vae
     device: str = "cpu"  # cpu | cuda | auto; under torchrun each process takes its local GPU
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
@@ -110,9 +116,12 @@ class TrainConfig:
             raise MapaError(f"unknown posterior {self.posterior!r}; choose from {', '.join(POSTERIORS)}")
         if self.estimator not in ESTIMATORS:
             raise MapaError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
-        if self.method == "mapa" and self.latent_dim != 1:
-            raise MapaError("MAPA's prior is the copula map, defined for latent_dim = 1; a flow or "
-                            "mixture prior for larger latents is not implemented yet")
+        self.flow_hidden = tuple(self.flow_hidden)
+        if self.code_prior not in CODE_PRIORS:
+            raise MapaError(f"unknown code prior {self.code_prior!r}; choose from {', '.join(CODE_PRIORS)}")
+        for name in ("code_prior_steps", "prior_components", "flow_transforms"):
+            if getattr(self, name) < 1:
+                raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
         if self.device not in DEVICES:
             raise MapaError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.prior_fit not in PRIOR_FITS:
@@ -135,6 +144,12 @@ class TrainConfig:
             posterior=self.posterior,
             estimator=self.estimator,
             prior_fit=self.prior_fit,
+            code_prior=self.code_prior,
+            code_prior_steps=self.code_prior_steps,
+            code_prior_config=(
+                (("components", self.prior_components),) if self.code_prior == "mixture"
+                else (("transforms", self.flow_transforms), ("hidden", self.flow_hidden))
+            ),
         )
 
     @classmethod
