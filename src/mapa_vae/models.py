@@ -16,6 +16,7 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import (
     Bernoulli,
@@ -85,8 +86,15 @@ class Likelihood(nn.Module, ABC):
         """The MAPA kernel matched to this noise model (SPEC §2)."""
 
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        """``log p(x_b | params_m)`` for every pair: params ``(M, D')``, x ``(B, D)`` → ``(B, M)``."""
-        return self(params[None]).log_prob(x[:, None, :])
+        """``log p(x_b | params_m)`` for every pair: params ``(M, D')``, x ``(B, D)`` → ``(B, M)``.
+
+        This generic version broadcasts ``(B, m, D)`` blocks of at most 2²² elements, so memory
+        stays bounded; likelihoods whose log-density is linear in ``x`` override it with one
+        matrix product.
+        """
+        step = max(1, 2**22 // max(1, x.shape[0] * x.shape[-1]))
+        return torch.cat([self(params[None, i : i + step]).log_prob(x[:, None, :])
+                          for i in range(0, params.shape[0], step)], -1)
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -161,6 +169,10 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
+
+    def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        # Σ_d x_d l_d - softplus(l_d): linear in x, so all pairs are one matrix product
+        return x @ params.T - F.softplus(params).sum(-1)  # (B, M)
 
 
 class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
