@@ -169,7 +169,8 @@ class MapaMethod(Method):
         """``q(i | n)``: the kernel posterior (cached), or an ablation's (SPEC §5)."""
         if setting.posterior == "kernel":
             kernel = model.decoder.likelihood.kernel()
-            return cached_posterior(train, kernel, setting.cache_dir, setting.top_k)[0]
+            return cached_posterior(train, kernel, setting.cache_dir, setting.top_k,
+                                    device=train.device)[0]  # computed where training runs
         if setting.posterior == "uniform":  # MAPA-naive
             return uniform_posterior(train.shape[0])
         if setting.posterior == "ground-truth":  # MAPA-GT, Eq. 7
