@@ -51,6 +51,7 @@ def _config_from_args(args: argparse.Namespace):
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
         prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
         prior_fit=args.prior_fit, device=args.device, network=args.network,
+        posterior_engine=args.posterior_engine,
         code_prior=args.code_prior, code_prior_steps=args.code_prior_steps,
         prior_components=args.prior_components, flow_transforms=args.flow_transforms,
         flow_hidden=tuple(args.flow_hidden),
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-train", type=int, default=1000, help="built-in data: training points")
     t.add_argument("--n-val", type=int, default=500)
     t.add_argument("--n-test", type=int, default=2000)
+    t.add_argument("--posterior-engine", choices=["auto", "exact", "faiss"], default="auto",
+                   help="MAPA's top-K neighbours: exact blocked matmul, a faiss index (approximate; "
+                   "the uniform tail keeps the bound valid), or auto by N and D")
     t.add_argument("--posterior", choices=["kernel", "ground-truth", "uniform"], default="kernel",
                    help="MAPA's q(i|n): the kernel (MAPA), the ground truth's (MAPA-GT, built-in "
                    "data only) or uniform (MAPA-naive)")

@@ -68,6 +68,7 @@ class Setting:
     val_grid: int
     seed: int
     posterior: str = "kernel"  # MAPA's q(i|n): kernel (MAPA) | ground-truth (MAPA-GT) | uniform
+    posterior_engine: str = "auto"  # kernel posterior: exact | faiss | auto (neighbours.py)
     estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg
     prior_fit: str = "map"  # MAPA's copula prior: map (exact) | refit (paper's Eq. 39–40)
     code_prior: str = "flow"  # MAPA, L > 1: flow | mixture fitted to the codes
@@ -170,7 +171,8 @@ class MapaMethod(Method):
         if setting.posterior == "kernel":
             kernel = model.decoder.likelihood.kernel()
             return cached_posterior(train, kernel, setting.cache_dir, setting.top_k,
-                                    device=train.device)[0]  # computed where training runs
+                                    device=train.device,  # computed where training runs
+                                    engine=setting.posterior_engine)[0]
         if setting.posterior == "uniform":  # MAPA-naive
             return uniform_posterior(train.shape[0])
         if setting.posterior == "ground-truth":  # MAPA-GT, Eq. 7

@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,48 +144,102 @@ def compute_posterior(
     block_size: int = 1024,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
+    rows: slice | tuple[int, int] | None = None,
 ) -> MapaPosterior:
-    """Exact top-``K`` MAPA posterior of ``data`` ``(N, D)``, in row blocks.
+    """Exact top-``K`` MAPA posterior of ``data`` ``(N, D)``, in row blocks on ``device``.
 
     Each block of ``b`` queries builds one ``(b, N)`` log-kernel matrix, normalizes it by its
     row log-sum-exp, keeps the ``K`` largest entries (the point itself forced first) and the
-    log-sum-exp of the rest.
+    log-sum-exp of the rest. The Gaussian and Bernoulli kernels are affine in one matrix
+    product (:func:`mapa_vae.neighbours.search_form`), so a block is a single ``addmm``.
+
+    A block holds at most 2²⁷ entries (1 GiB in float64): ``block_size`` is capped at
+    ``2²⁷ // N`` rows, so memory stays ``O(N · K)`` plus one block, at any ``N``.
+
+    ``rows`` (a ``slice`` or ``(start, stop)``) computes only those rows, ``(stop - start, K)``,
+    against all ``N`` atoms: shards from several processes or devices concatenate
+    (:func:`mapa_vae.neighbours.concat_rows`) to the full table, bit for bit when every shard
+    starts at a multiple of the (capped) block size. A shard is a table, not a usable posterior.
     """
     n = data.shape[0]
     k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
     if k_keep < 1:
         raise MapaError(f"top_k must be >= 1, got {top_k}")
+    if isinstance(rows, slice):
+        start, stop, step = rows.indices(n)
+        if step != 1:
+            raise MapaError(f"rows must be a contiguous range, got step {step}")
+    else:
+        start, stop = (0, n) if rows is None else (max(int(rows[0]), 0), min(int(rows[1]), n))
+    block_size = max(1, min(block_size, (1 << 27) // max(n, 1)))
     x = data.to(device=device, dtype=dtype)
-    return _blocked_top_k(lambda xb: kernel.log_kernel(xb, x), x, k_keep, block_size, dtype)
+    from .neighbours import search_form  # neighbours builds on this module
+
+    form = search_form(kernel, x)
+    if form is None:
+        log_k_of: Callable[[Tensor], Tensor] = lambda xb: kernel.log_kernel(xb, x)  # noqa: E731
+    else:  # one (b, N) buffer for every block: a fresh one costs page faults worth ~10 % of the matmul
+        buf = torch.empty(min(block_size, max(stop - start, 0)), n, dtype=dtype, device=device)
+        log_k_of = lambda xb: form.block(xb, out=buf[: xb.shape[0]])  # noqa: E731
+    return _blocked_top_k(log_k_of, x, k_keep, block_size, dtype, rows=(start, max(start, stop)))
 
 
 def _blocked_top_k(
-    log_k_of: Callable[[Tensor], Tensor], x: Tensor, k_keep: int, block_size: int, dtype: torch.dtype
+    log_k_of: Callable[[Tensor], Tensor],
+    x: Tensor,
+    k_keep: int,
+    block_size: int,
+    dtype: torch.dtype,
+    rows: tuple[int, int] | None = None,
 ) -> MapaPosterior:
     """Normalize unnormalized ``log q(i | n)`` rows and keep the top ``K`` of each, in blocks.
 
-    ``log_k_of(x[start:stop])`` gives a block's ``(b, N)`` log-weights. Each row is normalized by
-    its log-sum-exp, its ``K`` largest entries are kept (the point itself forced first) and the
-    log-sum-exp of the rest is stored.
+    ``log_k_of(x[start:stop])`` gives a block's ``(b, N)`` log-weights, up to a constant per
+    row (it cancels in the normalization); the block may be overwritten, and may be the same
+    buffer on every call (a block is spent before the next call). Its ``K`` largest
+    entries are kept (the point itself forced first); the rest are summed as
+    ``Σ exp(max(v - m, log tiny))`` with ``m`` the ``K``-th kept value, which bounds every entry
+    left, so nothing overflows and the leftover mass is not a difference of two large sums. A
+    row whose sum could have lost terms to underflow, or gained them from the clamp
+    (``< N · tiny / eps``: relative error above ``eps``), is recomputed with a masked
+    log-sum-exp. ``rows = (start, stop)`` computes only those rows.
     """
     n, device = x.shape[0], x.device
-    log_q = torch.empty(n, k_keep, dtype=dtype)
-    index = torch.empty(n, k_keep, dtype=torch.int64)
-    log_rest = torch.full((n,), -math.inf, dtype=dtype)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        rows = torch.arange(start, stop, device=device)
-        log_k = log_k_of(x[start:stop]).to(dtype)  # (b, N)
-        log_norm = torch.logsumexp(log_k, -1, keepdim=True)  # (b, 1)
-        self_val = log_k[rows - start, rows].clone()
-        log_k[rows - start, rows] = math.inf  # the point itself ranks first
+    start, stop = (0, n) if rows is None else rows
+    log_q = torch.empty(stop - start, k_keep, dtype=dtype)
+    index = torch.empty(stop - start, k_keep, dtype=torch.int64)
+    log_rest = torch.full((stop - start,), -math.inf, dtype=dtype)
+    finfo = torch.finfo(dtype)
+    underflow = n * finfo.tiny / finfo.eps  # a rest sum below this may have lost terms
+    for lo in range(start, stop, block_size):
+        hi = min(lo + block_size, stop)
+        local = torch.arange(hi - lo, device=device)
+        log_k = log_k_of(x[lo:hi]).to(dtype)  # (b, N)
+        self_val = log_k[local, local + lo].clone()  # (b,)
+        log_k[local, local + lo] = math.inf  # the point itself ranks first
         top_vals, top_idx = torch.topk(log_k, k_keep, dim=-1)  # (b, K)
         top_vals[:, 0] = self_val
-        log_q[start:stop] = (top_vals - log_norm).cpu()
-        index[start:stop] = top_idx.cpu()
+        log_top = torch.logsumexp(top_vals, -1)  # (b,)
         if k_keep < n:
-            log_k.scatter_(1, top_idx, -math.inf)
-            log_rest[start:stop] = (torch.logsumexp(log_k, -1) - log_norm[:, 0]).cpu()
+            if k_keep == 1:
+                log_k[local, local + lo] = -math.inf
+            shift = top_vals[:, -1:] if k_keep > 1 else log_k.amax(-1, keepdim=True)  # (b, 1)
+            # in place, the block is spent; exp of a denormal is ~20x slower, and terms below
+            # `tiny` matter only to rows that the underflow test below recomputes anyway
+            log_k.sub_(shift).clamp_min_(math.log(finfo.tiny)).exp_()
+            rest = log_k.scatter_(1, top_idx, 0.0).sum(-1)  # (b,): only the rest is left
+            log_rest_b = rest.log() + shift[:, 0]
+            redo = ~(rest > underflow) | ~torch.isfinite(log_rest_b)
+            if bool(redo.any()):
+                idx = redo.nonzero()[:, 0]
+                exact = log_k_of(x[lo + idx]).to(dtype).scatter_(1, top_idx[idx], -math.inf)
+                log_rest_b[idx] = torch.logsumexp(exact, -1)
+            log_norm = torch.logaddexp(log_top, log_rest_b)
+            log_rest[lo - start : hi - start] = (log_rest_b - log_norm).cpu()
+        else:
+            log_norm = log_top
+        log_q[lo - start : hi - start] = (top_vals - log_norm[:, None]).cpu()
+        index[lo - start : hi - start] = top_idx.cpu()
     return MapaPosterior(log_q, index, log_rest)
 
 
@@ -237,8 +292,11 @@ def ground_truth_posterior(
     )
 
 
-def _cache_key(data: Tensor, kernel: Kernel, top_k: int, dtype: torch.dtype) -> str:
-    extra = {"format": CACHE_FORMAT, "top_k": top_k, "dtype": str(dtype), **kernel.params()}
+def _cache_key(
+    data: Tensor, kernel: Kernel, top_k: int, dtype: torch.dtype, engine: dict[str, Any] | None = None
+) -> str:
+    """``engine``: what a non-exact engine adds (its name and index settings); none for exact."""
+    extra = {"format": CACHE_FORMAT, "top_k": top_k, "dtype": str(dtype), **kernel.params(), **(engine or {})}
     return array_digest(data, extra=extra)
 
 
@@ -254,17 +312,25 @@ def cached_posterior(
     block_size: int = 1024,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
+    engine: str = "exact",
+    **index_params: Any,
 ) -> tuple[MapaPosterior, bool]:
     """Load the posterior of ``data`` from ``cache_dir`` or compute and store it.
 
     The file name hashes the data's bytes, shape and dtype, the kernel and its parameters,
-    ``K``, the precision and the cache format. The file stores a digest of its own arrays; a
-    truncated, corrupt or mismatching file is rebuilt. A file lock makes concurrent builders of
-    the same cache compute it once. Returns the posterior and whether it came from the cache.
+    ``K``, the precision and the cache format, and for ``engine="faiss"`` the engine and its
+    resolved index settings (:func:`mapa_vae.neighbours.build_posterior`; ``"auto"`` is keyed as
+    the engine it picks, so an exact pick shares the exact cache). The file stores a digest of
+    its own arrays; a truncated, corrupt or mismatching file is rebuilt. A file lock makes
+    concurrent builders of the same cache compute it once. Returns the posterior and whether it
+    came from the cache.
     """
+    from .neighbours import build_posterior, cache_params  # neighbours builds on this module
+
     n = data.shape[0]
     k_keep = default_top_k(n) if top_k is None else min(int(top_k), n)
-    key = _cache_key(data, kernel, k_keep, dtype)
+    engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, **index_params)
+    key = _cache_key(data, kernel, k_keep, dtype, engine_key)
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"posterior-{key[:32]}.npz"
@@ -272,7 +338,10 @@ def cached_posterior(
         loaded = _load_cache(path, key)
         if loaded is not None:
             return loaded, True
-        post = compute_posterior(data, kernel, k_keep, block_size, device, dtype)
+        if engine_key:
+            post = build_posterior(data, kernel, k_keep, "faiss", device, None, dtype, **index_params)
+        else:
+            post = compute_posterior(data, kernel, k_keep, block_size, device, dtype)
         arrays = {
             "log_q": post.log_q.numpy(),
             "index": post.index.numpy(),

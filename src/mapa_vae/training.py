@@ -82,6 +82,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (32, 64)  # conv: channels of the stride-2 layers
     image_shape: tuple[int, int, int] | None = None  # conv on a file: (C, H, W); built-ins know
     top_k: int | None = None  # neighbours stored per point; None = all up to 2048 points
+    posterior_engine: str = "auto"  # exact (blocked matmul) | faiss (approximate) | auto (by N, D)
     posterior: str = "kernel"  # MAPA's q(i|n): kernel | ground-truth (MAPA-GT) | uniform (naive)
     estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg (Roeder; Tucker)
     eval_every: int = 10  # epochs between validation scores (and checkpoints)
@@ -122,6 +123,9 @@ class TrainConfig:
         for name in ("code_prior_steps", "prior_components", "flow_transforms"):
             if getattr(self, name) < 1:
                 raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.posterior_engine not in ("auto", "exact", "faiss"):
+            raise MapaError(f"unknown posterior engine {self.posterior_engine!r}; choose from "
+                            "auto, exact, faiss")
         if self.device not in DEVICES:
             raise MapaError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
         if self.prior_fit not in PRIOR_FITS:
@@ -142,6 +146,7 @@ class TrainConfig:
             val_grid=self.val_grid,
             seed=self.seed,
             posterior=self.posterior,
+            posterior_engine=self.posterior_engine,
             estimator=self.estimator,
             prior_fit=self.prior_fit,
             code_prior=self.code_prior,
