@@ -35,6 +35,7 @@ from .models import (
     Prior,
     StandardNormal,
 )
+from .neighbours import IndexParams, NeighbourIndex, build_posterior, concat_rows
 from .objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
 from .posterior import (
     MapaPosterior,
@@ -75,6 +76,7 @@ __all__ = [
     "GaussianKernel",
     "GaussianLikelihood",
     "GroundTruth",
+    "IndexParams",
     "KLEstimate",
     "Kernel",
     "LatentVariableModel",
@@ -83,6 +85,7 @@ __all__ = [
     "MapaPosterior",
     "Method",
     "MixturePrior",
+    "NeighbourIndex",
     "Objective",
     "Prior",
     "Run",
@@ -91,10 +94,12 @@ __all__ = [
     "TrainResult",
     "build_code_prior",
     "build_networks",
+    "build_posterior",
     "cached_posterior",
     "check_array",
     "compare",
     "compute_posterior",
+    "concat_rows",
     "copula_codes",
     "digits",
     "fit_code_prior",

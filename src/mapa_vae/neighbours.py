@@ -168,8 +168,9 @@ class IndexParams:
     24-d one HNSW keeps 0.985 (M = 16) / 0.995 (M = 32) while IVF falls to 0.78 (nprobe 32) /
     0.90 (nprobe 64). So HNSW with M = 32 is the default; IVF builds 4-10x faster and suits
     data of low intrinsic dimension. Summing ``E = 96`` searched neighbours past the top K
-    exactly cuts the error of the rest mass at 10⁶ points from ~43 % (E = K) to ~15 % at almost
-    no cost; more uniform draws barely help.
+    exactly cuts the error of the rest mass at 10⁶ points from ~43 % (E = K = 32) to ~15 % at
+    almost no cost; more uniform draws barely help. At K = 512 (10⁵ points) E = 96 finds the same
+    table as E = K, in 0.58 instead of 1.03 ms a row.
     """
 
     index: str = "auto"  # "flat" (exact search), "hnsw", "ivf"; auto: flat up to 10 000 points
@@ -178,7 +179,7 @@ class IndexParams:
     ef_search: int = 0  # 0: max(64, K + E)
     nlist: int = 0  # IVF lists; 0: 4 √N, at most N / 39 (faiss wants 39 training points a list)
     nprobe: int = 32  # IVF lists visited per query
-    tail_neighbours: int = -1  # E neighbours past the top K summed exactly into the rest; -1: max(K, 96)
+    tail_neighbours: int = -1  # E neighbours past the top K summed exactly into the rest; -1: 96
     tail_samples: int = 64  # M uniform draws per row to estimate the mass beyond those
     tail_floor: float = 1e-6  # the rest keeps at least this share of (N - K) / N of the stored mass
     seed: int = 0  # tail draws and IVF training sample
@@ -188,7 +189,7 @@ class IndexParams:
         index = self.index if self.index != "auto" else ("flat" if n <= 10_000 else "hnsw")
         if index not in ("flat", "hnsw", "ivf"):
             raise MapaError(f"unknown neighbour index {self.index!r}; use flat, hnsw, ivf or auto")
-        extra = min(max(top_k, 96) if self.tail_neighbours < 0 else self.tail_neighbours, n - top_k)
+        extra = min(96 if self.tail_neighbours < 0 else self.tail_neighbours, n - top_k)
         nlist = self.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
         return replace(self, index=index, ef_search=self.ef_search or max(64, top_k + extra),
                        nlist=nlist, nprobe=min(self.nprobe, nlist), tail_neighbours=extra)
