@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .distributed import resolve_device
+from .distributed import DEVICES, resolve_device
 from .storage import MapaError, atomic_write
 
 __all__ = ["build_parser", "main"]
@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prior-steps", type=int, default=4000,
                    help="with --prior-fit refit: full-batch steps per new network (default 4000)")
     t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
-    t.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+    t.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where to train (auto: cuda if available); under torchrun each process "
                    "uses its local GPU and gradients are summed across processes")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1000)
     s.add_argument("--mean", action="store_true", help="write decoder means, no observation noise")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    s.add_argument("--device", choices=DEVICES, default="cpu")
     s.add_argument("--out", required=True, help="output .npy file")
     s.set_defaults(func=cmd_sample)
 
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", type=int, default=2**16, help="quadrature points (1-D latent)")
     e.add_argument("--samples", type=int, default=1000, help="importance samples (latent > 1)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    e.add_argument("--device", choices=DEVICES, default="cpu")
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("reproduce", help="run the paper's protocol and write figures and a report",

@@ -111,19 +111,16 @@ class MonotoneMap(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _fit(module: torch.nn.Module, loss_fn, steps: int, lr: float) -> float:
-    """Full-batch Adam with a cosine schedule; returns the final loss."""
+def _fit(module: torch.nn.Module, loss_fn, steps: int, lr: float) -> None:
+    """Full-batch Adam with a cosine schedule (the caller measures the fit afterwards)."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    loss = torch.tensor(float("nan"))
     for _ in range(steps):
         loss = loss_fn()
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    with torch.no_grad():
-        return float(loss_fn())
 
 
 def fit_copula_prior(

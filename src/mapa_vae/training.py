@@ -323,12 +323,13 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             with torch.no_grad():
                 val = method.validation_log_likelihood(model, val_x, train_x, setting)
             record["val_log_lik"] = val
-            if val > best_val and _finite(model.state_dict()):
+            finite = _finite(model.state_dict())
+            if val > best_val and finite:
                 best_val, best_epoch = val, epoch + 1
                 best_state = copy.deepcopy(model.state_dict())
             bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
             history.append(record)
-            if out is not None and _finite(model.state_dict()):
+            if out is not None and finite:
                 save_tensors(out / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "best_model": best_state, "best_val": best_val, "best_epoch": best_epoch,
