@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from mapa_vae.data import load_dataset
-from mapa_vae.methods import METHODS, Architecture
-from mapa_vae.models import GaussianLikelihood
-from mapa_vae.training import TrainConfig
+from mapa_vae.config import TrainConfig
+from mapa_vae.data.loading import load_dataset
+from mapa_vae.methods.base import Architecture
+from mapa_vae.models.likelihoods import GaussianLikelihood
+from mapa_vae.registry import METHODS
 
 
 def measure(method: str, samples: int, data: torch.Tensor, noise_var: float, epochs: int,
@@ -27,8 +28,8 @@ def measure(method: str, samples: int, data: torch.Tensor, noise_var: float, epo
     torch.manual_seed(0)
     cfg = TrainConfig(method=method, samples=samples, cache_dir=cache_dir)
     m = METHODS[method]
-    model = m.build(Architecture(2, 1, (50, 50, 50), "tanh"), GaussianLikelihood(noise_var))
-    objective = m.objective(model, data, cfg.setting())  # MAPA's posterior comes from the cache
+    model = m.build(Architecture(2, 1, (50, 50, 50), "tanh"), GaussianLikelihood(noise_var), cfg)
+    objective = m.objective(model, data, cfg)  # MAPA's posterior comes from the cache
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = data.shape[0]
     t0 = time.perf_counter()

@@ -32,9 +32,10 @@ import time
 import faiss
 import torch
 
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.neighbours import IndexParams, NeighbourIndex
+from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import GaussianKernel
-from mapa_vae.neighbours import IndexParams, NeighbourIndex
-from mapa_vae.posterior import MapaPosterior, compute_posterior
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -22,11 +22,12 @@ import time
 
 import torch
 
-from mapa_vae.data import load_dataset
-from mapa_vae.methods import METHODS, Architecture
-from mapa_vae.models import BernoulliLikelihood
-from mapa_vae.posterior import compute_posterior
-from mapa_vae.training import TrainConfig
+from mapa_vae.config import TrainConfig
+from mapa_vae.data.loading import load_dataset
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.methods.base import Architecture
+from mapa_vae.models.likelihoods import BernoulliLikelihood
+from mapa_vae.registry import METHODS
 
 
 def run(method: str, data, arch: Architecture, samples: int, epochs: int, target: float | None,
@@ -34,11 +35,10 @@ def run(method: str, data, arch: Architecture, samples: int, epochs: int, target
     torch.manual_seed(seed)
     cfg = TrainConfig(method=method, samples=samples, cache_dir="/tmp/mapa-bench-cache")
     m = METHODS[method]
-    model = m.build(arch, BernoulliLikelihood())
+    model = m.build(arch, BernoulliLikelihood(), cfg)
     train_x, val_x = data.train.float(), data.val.float()
     t0 = time.perf_counter()
-    setting = cfg.setting()
-    objective = m.objective(model, train_x, setting, data)
+    objective = m.objective(model, train_x, cfg, data)
     setup = time.perf_counter() - t0
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     curve: list[tuple[float, float]] = []
@@ -56,7 +56,7 @@ def run(method: str, data, arch: Architecture, samples: int, epochs: int, target
         elapsed += time.perf_counter() - t
         model.eval()
         with torch.no_grad():
-            val = m.validation_log_likelihood(model, val_x, train_x, setting)
+            val = m.validation_log_likelihood(model, val_x, train_x, cfg)
         curve.append((elapsed, val))
         if target is not None and reached is None and val >= target:
             reached = elapsed

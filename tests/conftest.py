@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mapa_vae.groundtruth import ground_truth
-from mapa_vae.models import (
-    MLP,
-    CodeEncoder,
-    Decoder,
-    GaussianEncoder,
-    GaussianLikelihood,
-    LatentVariableModel,
-    StandardNormal,
-)
+from mapa_vae.data.groundtruth import ground_truth
+from mapa_vae.models.latent import CodeEncoder, Decoder, GaussianEncoder, LatentVariableModel, StandardNormal
+from mapa_vae.models.likelihoods import GaussianLikelihood
+from mapa_vae.models.networks import MLP
 
 
 @pytest.fixture(scope="session", autouse=True)

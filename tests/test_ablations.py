@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from mapa_vae.groundtruth import ground_truth
-from mapa_vae.objectives import MAPA, EmpiricalLogLikelihood
-from mapa_vae.posterior import MapaPosterior, ground_truth_posterior, uniform_posterior
-from mapa_vae.storage import MapaError
+from mapa_vae.data.groundtruth import ground_truth
+from mapa_vae.errors import MapaError
+from mapa_vae.inference.exact import ground_truth_posterior
+from mapa_vae.inference.objectives import MAPA, EmpiricalLogLikelihood
+from mapa_vae.inference.posterior import MapaPosterior, uniform_posterior
 
 NOISE_VAR = 0.01  # the circle's σ²
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-import mapa_vae.data
+import mapa_vae.data.loading
 from mapa_vae.cli import main
-from mapa_vae.groundtruth import ground_truth
+from mapa_vae.data.groundtruth import ground_truth
 
 METHODS = ["mapa", "vae", "iwae"]
 RUN_FILES = ["config.json", "model.pt", "trained.pt", "metrics.json", "history.json", "checkpoint.pt"]
@@ -71,12 +71,12 @@ def test_data_unknown_name(tmp_path, capsys):
 @pytest.fixture
 def analytic_data(monkeypatch):
     """Make ``data`` draw from the analytic curve so that no surrogate is needed."""
-    real = mapa_vae.data.make_ground_truth_data
+    real = mapa_vae.data.loading.make_ground_truth_data
 
     def analytic(*args, **kwargs):
         return real(*args, **{**kwargs, "surrogate": False})
 
-    monkeypatch.setattr(mapa_vae.data, "make_ground_truth_data", analytic)
+    monkeypatch.setattr(mapa_vae.data.loading, "make_ground_truth_data", analytic)
 
 
 @pytest.mark.usefixtures("analytic_data")

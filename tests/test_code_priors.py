@@ -13,17 +13,13 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from mapa_vae.code_priors import CODE_PRIORS, CodePrior, build_code_prior, fit_code_prior
-from mapa_vae.evaluation import importance_log_likelihood
-from mapa_vae.models import (
-    MLP,
-    CodeEncoder,
-    Decoder,
-    GaussianLikelihood,
-    LatentVariableModel,
-    StandardNormal,
-)
-from mapa_vae.storage import MapaError
+from mapa_vae.errors import MapaError
+from mapa_vae.evaluation.likelihood import importance_log_likelihood
+from mapa_vae.models.code_priors import CodePrior, build_code_prior, fit_code_prior
+from mapa_vae.models.latent import CodeEncoder, Decoder, LatentVariableModel, StandardNormal
+from mapa_vae.models.likelihoods import GaussianLikelihood
+from mapa_vae.models.networks import MLP
+from mapa_vae.registry import CODE_PRIORS
 
 CENTER, RADIUS, WIDTH = (3.0, -1.0), 2.0, 0.15
 # small enough to fit in seconds (the defaults are for real runs); TINY for the 200-point model

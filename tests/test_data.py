@@ -15,10 +15,13 @@ import pytest
 import torch
 
 from mapa_vae.cli import main
-from mapa_vae.data import check_array, load_array, load_dataset, make_ground_truth_data
-from mapa_vae.groundtruth import circle
-from mapa_vae.storage import MapaError
-from mapa_vae.training import TrainConfig, train
+from mapa_vae.config import TrainConfig
+from mapa_vae.data.dataset import make_ground_truth_data
+from mapa_vae.data.files import check_array, load_array
+from mapa_vae.data.groundtruth import circle
+from mapa_vae.data.loading import load_dataset
+from mapa_vae.errors import MapaError
+from mapa_vae.training.loop import train
 
 GOOD = np.arange(12, dtype=np.float64).reshape(6, 2) / 10
 
@@ -222,7 +225,7 @@ def test_bad_input_through_cli(tmp_path, write, overrides, fragments, names_file
     path = write(tmp_path)
     cfg = _train_config(path, tmp_path, **overrides)
     argv = ["train", "--data", str(path), "--method", cfg.method, "--samples", str(cfg.samples),
-            "--epochs", "1", "--hidden", "8", "--likelihood", cfg.likelihood,
+            "--epochs", "1", "--hidden", "8", "--likelihood", cfg.likelihood or "gaussian",
             "--cache-dir", cfg.cache_dir or "", "--out", str(tmp_path / "run"), "--quiet"]
     if cfg.noise_var is not None:
         argv += ["--noise-var", str(cfg.noise_var)]

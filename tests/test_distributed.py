@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from mapa_vae.distributed import Parallel, resolve_device
-from mapa_vae.storage import MapaError, load_tensors
+from mapa_vae.errors import MapaError
+from mapa_vae.storage import load_tensors
+from mapa_vae.training.distributed import Parallel, resolve_device
 
 ARGS = ["train", "--data", "circle", "--method", "mapa", "--samples", "0", "--k", "5",
         "--epochs", "3", "--n-train", "200", "--n-val", "100", "--n-test", "100",

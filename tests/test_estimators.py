@@ -9,22 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from mapa_vae.evaluation import (
-    ReparameterizedMixture,
-    mixture_proposal_log_likelihood,
-    quadrature_log_likelihood,
-)
-from mapa_vae.groundtruth import ground_truth
-from mapa_vae.models import (
-    MLP,
-    Decoder,
-    GaussianEncoder,
-    GaussianLikelihood,
-    LatentVariableModel,
-    StandardNormal,
-)
-from mapa_vae.objectives import IWAE
-from mapa_vae.storage import MapaError
+from mapa_vae.data.groundtruth import ground_truth
+from mapa_vae.errors import MapaError
+from mapa_vae.evaluation.likelihood import quadrature_log_likelihood
+from mapa_vae.evaluation.mixture import ReparameterizedMixture, mixture_proposal_log_likelihood
+from mapa_vae.inference.objectives import IWAE
+from mapa_vae.models.latent import Decoder, GaussianEncoder, LatentVariableModel, StandardNormal
+from mapa_vae.models.likelihoods import GaussianLikelihood
+from mapa_vae.models.networks import MLP
 
 ESTIMATORS = ["naive", "stl", "dreg"]
 

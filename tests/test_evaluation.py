@@ -8,13 +8,10 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from mapa_vae.evaluation import (
-    importance_log_likelihood,
-    quadrature_log_likelihood,
-    test_kl,
-)
-from mapa_vae.groundtruth import GROUND_TRUTHS, ground_truth
-from mapa_vae.models import Decoder, GaussianLikelihood
+from mapa_vae.data.groundtruth import GROUND_TRUTHS, ground_truth
+from mapa_vae.evaluation.likelihood import importance_log_likelihood, quadrature_log_likelihood, test_kl
+from mapa_vae.models.latent import Decoder
+from mapa_vae.models.likelihoods import GaussianLikelihood
 
 
 class Affine(torch.nn.Module):

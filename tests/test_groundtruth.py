@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mapa_vae.groundtruth import (
+from mapa_vae.data.groundtruth import (
     GROUND_TRUTHS,
     SURROGATE_MSE_TARGET,
     fit_surrogate,

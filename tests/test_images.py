@@ -12,8 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from mapa_vae.architectures import ConvDecoderNet, ConvEncoderNet, build_networks
-from mapa_vae.images import (
+from mapa_vae.data.images import (
     IMAGE_DATASETS,
     SHAPES,
     digits,
@@ -24,19 +23,13 @@ from mapa_vae.images import (
     render_sprites,
     sprites,
 )
+from mapa_vae.errors import MapaError
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.objectives import IWAE, MAPA, EmpiricalLogLikelihood
 from mapa_vae.kernels import BernoulliKernel
-from mapa_vae.models import (
-    BernoulliLikelihood,
-    CodeEncoder,
-    Decoder,
-    GaussianEncoder,
-    LatentVariableModel,
-    StandardNormal,
-    make_likelihood,
-)
-from mapa_vae.objectives import IWAE, MAPA, EmpiricalLogLikelihood
-from mapa_vae.posterior import compute_posterior
-from mapa_vae.storage import MapaError
+from mapa_vae.models.latent import CodeEncoder, Decoder, GaussianEncoder, LatentVariableModel, StandardNormal
+from mapa_vae.models.likelihoods import BernoulliLikelihood, make_likelihood
+from mapa_vae.models.networks import ConvDecoderNet, ConvEncoderNet, build_networks
 
 # ----------------------------------------------------------------------------- digits
 
@@ -258,7 +251,7 @@ def test_build_networks() -> None:
         build_networks("conv", 64, 2)
     with pytest.raises(MapaError, match="64 columns"):
         build_networks("conv", 64, 2, image_shape=(1, 8, 9))
-    with pytest.raises(MapaError, match="unknown network kind"):
+    with pytest.raises(MapaError, match="unknown network"):
         build_networks("resnet", 64, 2)
 
 

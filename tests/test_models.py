@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mapa_vae.models import LIKELIHOODS, make_likelihood
+from mapa_vae.models.likelihoods import make_likelihood
+from mapa_vae.registry import LIKELIHOODS
 
 CONFIGS = {"gaussian": {"noise_var": 0.05}, "bernoulli": {"rho": 0.9},
            "continuous-bernoulli": {"rho": 0.9}}

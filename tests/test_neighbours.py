@@ -7,16 +7,14 @@ import math
 import pytest
 import torch
 
+from mapa_vae.errors import MapaError
+from mapa_vae.inference.cache import cached_posterior
+from mapa_vae.inference.engines import build_posterior, concat_rows, resolve_engine
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.neighbours import NeighbourIndex
+from mapa_vae.inference.objectives import MAPA, EmpiricalLogLikelihood
+from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import BernoulliKernel, GaussianKernel, Kernel
-from mapa_vae.neighbours import (
-    NeighbourIndex,
-    build_posterior,
-    concat_rows,
-    resolve_engine,
-)
-from mapa_vae.objectives import MAPA, EmpiricalLogLikelihood
-from mapa_vae.posterior import MapaPosterior, cached_posterior, compute_posterior
-from mapa_vae.storage import MapaError
 
 
 def manifold_data(n: int = 3000, d: int = 16, latent: int = 3, binary: bool = False) -> torch.Tensor:

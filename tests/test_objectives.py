@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from mapa_vae.evaluation import quadrature_log_likelihood
+from mapa_vae.evaluation.likelihood import quadrature_log_likelihood
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.objectives import ELBO, IWAE, MAPA, Autoencoder, EmpiricalLogLikelihood, Objective
 from mapa_vae.kernels import GaussianKernel
-from mapa_vae.objectives import (
-    ELBO,
-    IWAE,
-    MAPA,
-    Autoencoder,
-    EmpiricalLogLikelihood,
-    Objective,
-)
-from mapa_vae.posterior import compute_posterior
 
 N_ATOMS = 200
 

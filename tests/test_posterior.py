@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from mapa_vae.errors import MapaError
+from mapa_vae.inference.cache import cached_posterior
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import BernoulliKernel, GaussianKernel, Kernel
-from mapa_vae.posterior import MapaPosterior, cached_posterior, compute_posterior
-from mapa_vae.storage import MapaError
 
 
 def dense_reference(x: torch.Tensor, kernel: Kernel) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mapa_vae.models import StandardNormal
-from mapa_vae.priors import MonotoneMap, copula_codes, fit_copula_prior
-from mapa_vae.storage import MapaError
+from mapa_vae.errors import MapaError
+from mapa_vae.models.copula import MonotoneMap, copula_codes, fit_copula_prior
+from mapa_vae.models.latent import StandardNormal
 
 
 def test_copula_codes_are_whitened_normal_scores_in_the_same_order():

@@ -38,22 +38,25 @@ import torch
 
 import mapa_vae
 import mapa_vae.storage as storage
-from mapa_vae import training
 from mapa_vae.cli import main
+from mapa_vae.config import TrainConfig
+from mapa_vae.errors import MapaError
+from mapa_vae.experiments.sweep import Profile, make_jobs, run_jobs
+from mapa_vae.inference.cache import cached_posterior
+from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import BernoulliKernel, GaussianKernel
-from mapa_vae.methods import METHODS
-from mapa_vae.posterior import MapaPosterior, cached_posterior
+from mapa_vae.registry import METHODS
 from mapa_vae.storage import (
     TEMP_SUFFIX,
-    MapaError,
     atomic_write,
     load_tensors,
     remove_stale_temps,
     save_tensors,
     write_json,
 )
-from mapa_vae.sweep import Profile, make_jobs, run_jobs
-from mapa_vae.training import TrainConfig, load_run, train
+from mapa_vae.training import loop as training
+from mapa_vae.training.loop import train
+from mapa_vae.training.runs import load_run
 
 SRC = Path(mapa_vae.__file__).parent
 TINY = dict(n_train=200, n_val=100, n_test=200, eval_every=2, val_grid=2**10, test_grid=2**12,
@@ -506,7 +509,7 @@ def test_interrupted_retrain_never_passes_off_stale_files(tmp_path, monkeypatch)
 
 SWEEP_SCRIPT = textwrap.dedent("""
     import sys, time
-    import mapa_vae.sweep as sweep
+    import mapa_vae.experiments.sweep as sweep
     real = sweep.train
 
     def slow_train(*args, **kwargs):  # each job takes a moment, so the kill lands mid-sweep
@@ -580,8 +583,8 @@ def test_poisoned_decoder_output_skips_the_step(tmp_path, monkeypatch, method, k
     build = cls.build
     seen: dict[str, object] = {"calls": 0}
 
-    def build_with_hook(self, arch, likelihood):
-        model = build(self, arch, likelihood)
+    def build_with_hook(self, arch, likelihood, cfg):
+        model = build(self, arch, likelihood, cfg)
 
         def hook(module, inputs, out):
             if not (module.training and torch.is_grad_enabled()):
@@ -740,7 +743,7 @@ CACHE_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import torch
-    import mapa_vae.posterior as posterior
+    import mapa_vae.inference.cache as posterior
     from mapa_vae.kernels import GaussianKernel
     from mapa_vae.storage import array_digest
 

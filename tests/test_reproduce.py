@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from mapa_vae.experiments.reproduce import posterior_kl, reproduce, select_best, summarize
+from mapa_vae.experiments.sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
+from mapa_vae.inference.exact import compute_posterior
+from mapa_vae.inference.posterior import uniform_posterior
 from mapa_vae.kernels import GaussianKernel
-from mapa_vae.posterior import compute_posterior, uniform_posterior
-from mapa_vae.reproduce import posterior_kl, reproduce, select_best, summarize
-from mapa_vae.sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
 
 TINY = PROFILES["tiny"]
 
@@ -113,7 +114,7 @@ def test_dask_backend_runs_the_same_jobs(tmp_path):
 
 
 def test_unknown_or_missing_backend_is_a_clear_error(tmp_path):
-    from mapa_vae.storage import MapaError
+    from mapa_vae.errors import MapaError
 
     jobs = make_jobs(Profile("d", ("circle",), (10,), 1, 1, ("vae",), TINY.train))
     with pytest.raises(MapaError, match="unknown backend"):

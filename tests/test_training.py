@@ -7,10 +7,13 @@ import json
 import pytest
 import torch
 
-from mapa_vae.evaluation import quadrature_log_likelihood
-from mapa_vae.experiments import compare
-from mapa_vae.storage import MapaError, load_tensors
-from mapa_vae.training import TrainConfig, load_run, train
+from mapa_vae.config import TrainConfig
+from mapa_vae.errors import MapaError
+from mapa_vae.evaluation.likelihood import quadrature_log_likelihood
+from mapa_vae.experiments.compare import compare
+from mapa_vae.storage import load_tensors
+from mapa_vae.training.loop import train
+from mapa_vae.training.runs import load_run
 
 TINY = dict(n_train=200, n_val=100, n_test=200, eval_every=2, val_grid=2**10, test_grid=2**12,
             prior_steps=100)
@@ -70,7 +73,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     """A NaN bound at one step leaves the weights as they were and is reported."""
-    from mapa_vae import objectives
+    from mapa_vae.inference import objectives
 
     calls = {"n": 0}
     original = objectives.MAPA.__call__

@@ -6,48 +6,44 @@ model-agnostic posterior over indices, Eq. 8), :mod:`~mapa_vae.objectives` (one 
 (quadrature log-likelihood, test KL), :mod:`~mapa_vae.training` and :mod:`~mapa_vae.cli`.
 """
 
-from .architectures import ConvDecoderNet, ConvEncoderNet, build_networks
-from .code_priors import CodePrior, FlowPrior, MixturePrior, build_code_prior, fit_code_prior
-from .data import Dataset, check_array, load_array, load_dataset, make_ground_truth_data
-from .evaluation import (
+from .config import TrainConfig
+from .data.dataset import Dataset, make_ground_truth_data
+from .data.files import check_array, load_array
+from .data.groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
+from .data.images import IMAGE_DATASETS, digits, image_shape, load_image_dataset, mnist1d, sprites
+from .data.loading import load_dataset
+from .errors import MapaError
+from .evaluation.likelihood import (
     KLEstimate,
     importance_log_likelihood,
     log_likelihood,
-    mixture_proposal_log_likelihood,
     quadrature_log_likelihood,
     test_kl,
 )
-from .experiments import compare
-from .groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
-from .images import IMAGE_DATASETS, digits, image_shape, load_image_dataset, mnist1d, sprites
+from .evaluation.mixture import mixture_proposal_log_likelihood
+from .experiments.compare import compare
+from .experiments.reproduce import reproduce
+from .inference.cache import cached_posterior
+from .inference.engines import build_posterior, concat_rows
+from .inference.exact import compute_posterior, ground_truth_posterior
+from .inference.neighbours import IndexParams, NeighbourIndex
+from .inference.objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
+from .inference.posterior import MapaPosterior, uniform_posterior
 from .kernels import BernoulliKernel, GaussianKernel, Kernel
-from .methods import METHODS, Method
-from .models import (
-    MLP,
+from .methods.base import Method
+from .models.code_priors import CodePrior, FlowPrior, MixturePrior, build_code_prior, fit_code_prior
+from .models.copula import copula_codes, fit_copula_prior
+from .models.latent import CodeEncoder, Decoder, GaussianEncoder, LatentVariableModel, Prior, StandardNormal
+from .models.likelihoods import (
     BernoulliLikelihood,
-    CodeEncoder,
     ContinuousBernoulliLikelihood,
-    Decoder,
-    GaussianEncoder,
     GaussianLikelihood,
-    LatentVariableModel,
     Likelihood,
-    Prior,
-    StandardNormal,
 )
-from .neighbours import IndexParams, NeighbourIndex, build_posterior, concat_rows
-from .objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
-from .posterior import (
-    MapaPosterior,
-    cached_posterior,
-    compute_posterior,
-    ground_truth_posterior,
-    uniform_posterior,
-)
-from .priors import copula_codes, fit_copula_prior
-from .reproduce import reproduce
-from .storage import MapaError
-from .training import Run, TrainConfig, TrainResult, load_run, train
+from .models.networks import MLP, ConvDecoderNet, ConvEncoderNet, build_networks
+from .registry import METHODS
+from .training.loop import TrainResult, train
+from .training.runs import Run, load_run
 
 __version__ = "0.1.0"
 

@@ -8,15 +8,35 @@ error) is one such line too, with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .distributed import DEVICES, resolve_device
-from .storage import MapaError, atomic_write
+from .config import DEVICES, TrainConfig, field_type, flag_name
+from .data.dataset import make_ground_truth_data
+from .data.files import load_array
+from .data.groundtruth import (
+    GROUND_TRUTHS,
+    SURROGATE_MSE_TARGET,
+    fit_surrogate,
+    load_surrogate,
+    save_surrogate,
+    surrogate_mse,
+)
+from .data.images import IMAGE_DATASETS
+from .errors import MapaError
+from .experiments.compare import METHOD_ORDER, compare
+from .experiments.reproduce import reproduce
+from .registry import METHODS, choices
+from .storage import atomic_write
+from .training.distributed import resolve_device
+from .training.loop import train
+from .training.runs import load_run
 
 __all__ = ["build_parser", "main"]
 
@@ -29,8 +49,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .data import make_ground_truth_data
-
     ds = make_ground_truth_data(args.name, n_train=args.n, n_val=0, n_test=0, seed=args.seed)
     _save_npy(args.out, ds.train.numpy())
     if args.codes:
@@ -39,36 +57,47 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"wrote {args.n} points of {args.name} to {args.out}")
 
 
-def _config_from_args(args: argparse.Namespace):
-    from .training import TrainConfig
+def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per :class:`~mapa_vae.config.TrainConfig` field, generated from the field: its
+    type, default, help and, for a choice, the current names of its registry."""
 
-    return TrainConfig(
-        data=args.data, method=args.method, samples=args.samples, k=args.k, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, data_seed=args.data_seed,
-        noise_var=args.noise_var, latent_dim=args.latent_dim, likelihood=args.likelihood,
-        rho=args.rho, hidden=tuple(args.hidden), activation=args.activation, top_k=args.top_k,
-        eval_every=args.eval_every,
-        n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, cache_dir=args.cache_dir,
-        prior_steps=args.prior_steps, posterior=args.posterior, estimator=args.estimator,
-        prior_fit=args.prior_fit, device=args.device, network=args.network,
-        posterior_engine=args.posterior_engine,
-        code_prior=args.code_prior, code_prior_steps=args.code_prior_steps,
-        prior_components=args.prior_components, flow_transforms=args.flow_transforms,
-        flow_hidden=tuple(args.flow_hidden),
-        channels=tuple(args.channels), image_shape=tuple(args.image_shape) if args.image_shape else None,
-    )
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if f.name in exclude or not meta.get("cli", True):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        names = [flag_name(f.name)] + ([meta["short"]] if meta.get("short") else [])
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        help_text = meta["help"].replace("%", "%%")
+        base, _ = field_type(f)
+        if getattr(base, "__origin__", None) is tuple:
+            kwargs.update(type=int, nargs=3 if f.name == "image_shape" else "+")
+            shown = " ".join(map(str, default)) if default is not None else "none"
+        else:
+            kwargs["type"] = base
+            shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
+        if meta.get("choices") is not None:
+            kwargs["choices"] = choices(meta["choices"])
+            kwargs["metavar"] = "{" + ",".join(kwargs["choices"]) + "}"
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        kwargs["help"] = f"{help_text} (default: {shown})"
+        parser.add_argument(*names, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any):
+    """The :class:`TrainConfig` of the flags given (defaults for the rest), checked as a whole."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return TrainConfig(**{**given, **fixed})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training import train
-
-    result = train(_config_from_args(args), args.out, progress=not args.quiet, resume=args.resume)
+    result = train(config_from_args(args), args.out, progress=not args.quiet, resume=args.resume)
     print(json.dumps(result.metrics, indent=2))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .training import load_run
-
     model = load_run(args.run).model.to(resolve_device(args.device))
     torch.manual_seed(args.seed)
     x = model.sample(args.n, mean=args.mean)
@@ -77,16 +106,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .data import load_array
-    from .evaluation import log_likelihood
-    from .training import load_run
-
     run = load_run(args.run)
     model = run.model.to(resolve_device(args.device))
     x = torch.from_numpy(load_array(args.data, expected_dim=run.data_dim))
     model.decoder.likelihood.check_data(x, args.data)
     torch.manual_seed(args.seed)
-    lp = log_likelihood(model, x, args.grid, args.samples)
+    lp = METHODS[run.config.method].log_likelihood(model, x, args.grid, args.samples)
     if args.per_point:
         _save_npy(args.per_point, lp.numpy())
     how = "quadrature" if model.latent_dim == 1 else f"importance sampling, S={args.samples}"
@@ -94,30 +119,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .experiments import compare
-
     compare(args.data, args.out, epochs=args.epochs, samples=args.samples, seed=args.seed,
             progress=not args.quiet)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from .reproduce import reproduce
-
     report = reproduce(args.profile, args.out, n_jobs=args.jobs, backend=args.backend,
                        address=args.address, cache_dir=args.cache_dir, progress=not args.quiet)
     print(f"report: {report} (and {report.with_suffix('.html')}); figures in {report.parent / 'figures'}")
 
 
 def cmd_surrogates(args: argparse.Namespace) -> None:
-    from .groundtruth import (
-        GROUND_TRUTHS,
-        SURROGATE_MSE_TARGET,
-        fit_surrogate,
-        load_surrogate,
-        save_surrogate,
-        surrogate_mse,
-    )
-
     for name in args.names or list(GROUND_TRUTHS):
         if args.refit:
             net, mse = fit_surrogate(name)
@@ -129,9 +141,6 @@ def cmd_surrogates(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .groundtruth import GROUND_TRUTHS
-    from .images import IMAGE_DATASETS
-
     names = ", ".join(GROUND_TRUTHS)
     images = ", ".join(IMAGE_DATASETS)
     p = argparse.ArgumentParser(
@@ -153,66 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     t = sub.add_parser("train", help="train a model and write it with config and metrics",
-                       description="Train MAPA, VAE or IWAE; writes config.json, model.pt, "
-                       "metrics.json (val/test log-likelihood, test KL, time, passes) to --out.")
-    t.add_argument("--data", required=True,
-                   help=f"built-in data set ({names}; images: {images}) or a .npy/.csv file")
-    t.add_argument("--method", choices=["mapa", "vae", "iwae"], default="mapa")
-    t.add_argument("--samples", "-S", type=int, default=100, help="S: importance samples / tail draws")
-    t.add_argument("--k", type=int, default=None, help="MAPA's top-k (default: 10%% of S)")
-    t.add_argument("--epochs", type=int, default=500)
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0, help="initialization and sampling seed")
-    t.add_argument("--data-seed", type=int, default=0, help="which draw of a built-in data set")
-    t.add_argument("--noise-var", type=float, default=None,
-                   help="Gaussian noise variance σ² (default: the data set's own)")
-    t.add_argument("--latent-dim", type=int, default=1)
-    t.add_argument("--likelihood", choices=["gaussian", "bernoulli", "continuous-bernoulli"],
-                   default="gaussian")
-    t.add_argument("--rho", type=float, default=0.9, help="Bernoulli kernel softening in (0.5, 1)")
-    t.add_argument("--hidden", type=int, nargs="+", default=[50, 50, 50],
-                   help="MLP widths (conv: widths of the fully connected head)")
-    t.add_argument("--activation", choices=["tanh", "relu", "leaky_relu", "silu"], default="tanh")
-    t.add_argument("--network", choices=["mlp", "conv"], default="mlp",
-                   help="conv: a small conv encoder/decoder for images")
-    t.add_argument("--channels", type=int, nargs="+", default=[32, 64],
-                   help="conv: channels of the stride-2 layers")
-    t.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
-                   help="conv on your own file: the image shape of each (flattened) row")
-    t.add_argument("--top-k", type=int, default=None,
-                   help="neighbours stored per point in the MAPA posterior (default: all up to 2048)")
-    t.add_argument("--eval-every", type=int, default=10, help="epochs between validation checks")
-    t.add_argument("--n-train", type=int, default=1000, help="built-in data: training points")
-    t.add_argument("--n-val", type=int, default=500)
-    t.add_argument("--n-test", type=int, default=2000)
-    t.add_argument("--posterior-engine", choices=["auto", "exact", "faiss"], default="auto",
-                   help="MAPA's top-K neighbours: exact blocked matmul, a faiss index (approximate; "
-                   "the uniform tail keeps the bound valid), or auto by N and D")
-    t.add_argument("--posterior", choices=["kernel", "ground-truth", "uniform"], default="kernel",
-                   help="MAPA's q(i|n): the kernel (MAPA), the ground truth's (MAPA-GT, built-in "
-                   "data only) or uniform (MAPA-naive)")
-    t.add_argument("--estimator", choices=["naive", "stl", "dreg"], default="naive",
-                   help="IWAE's encoder gradient: naive, STL (Roeder et al. 2017) or DReG "
-                   "(Tucker et al. 2019); the decoder always gets the IWAE gradient")
-    t.add_argument("--prior-fit", choices=["map", "refit"], default="map",
-                   help="MAPA's N(0,1) prior: compose with the exact monotone copula map (default) "
-                   "or refit new networks as in the paper's App. C.3")
-    t.add_argument("--code-prior", choices=["flow", "mixture"], default="flow",
-                   help="MAPA with --latent-dim > 1: a neural spline flow (zuko) or a Gaussian "
-                   "mixture fitted to the learned codes becomes the prior")
-    t.add_argument("--code-prior-steps", type=int, default=2000,
-                   help="flow: Adam steps (early stopping on held-out codes); mixture: EM iterations")
-    t.add_argument("--prior-components", type=int, default=10, help="mixture prior components")
-    t.add_argument("--flow-transforms", type=int, default=3, help="flow prior: spline layers")
-    t.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64],
-                   help="flow prior: hypernetwork widths")
-    t.add_argument("--prior-steps", type=int, default=4000,
-                   help="with --prior-fit refit: full-batch steps per new network (default 4000)")
-    t.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
-    t.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where to train (auto: cuda if available); under torchrun each process "
-                   "uses its local GPU and gradients are summed across processes")
+                       description="Train a model by one of the registered methods; writes "
+                       "config.json, model.pt, metrics.json (val/test log-likelihood, test KL, "
+                       f"time, passes) to --out. Built-in data: {names}; images: {images}. Every "
+                       "flag below is a field of TrainConfig.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="run directory")
@@ -261,15 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refit", action="store_true")
     g.set_defaults(func=cmd_surrogates)
 
-    c = sub.add_parser("compare", help="the main job: MAPA vs VAE vs IWAE on one data set",
-                       description="Train MAPA, VAE and IWAE on a built-in data set, print a "
-                       "table (test KL, time, passes) and plot data vs samples.")
-    c.add_argument("--data", default="figure-8", help=f"one of: {names}")
-    c.add_argument("--epochs", type=int, default=500)
-    c.add_argument("--samples", "-S", type=int, default=100)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true")
-    c.add_argument("--out", default="runs/compare", help="output directory")
+    c = sub.add_parser("compare", help="the main job: methods side by side on one data set",
+                       description="Train several methods with the same settings (every train "
+                       "flag but --method applies to all), print a table (test KL, time, passes) "
+                       "and plot data vs samples.")
+    c.add_argument("--methods", nargs="+", choices=METHODS.names(), default=list(METHOD_ORDER),
+                   metavar="METHOD", help=f"registered methods to compare, of: {', '.join(METHODS)} "
+                   f"(default: {' '.join(METHOD_ORDER)})")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    add_config_arguments(c, exclude=("method",))
     c.set_defaults(func=cmd_compare)
     return p
 

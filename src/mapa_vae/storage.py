@@ -30,10 +30,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from .errors import MapaError
+
 __all__ = [
     "STALE_TEMP_SECONDS",
     "TEMP_SUFFIX",
-    "MapaError",
     "array_digest",
     "atomic_write",
     "load_tensors",
@@ -49,10 +50,6 @@ os.umask(_UMASK)
 
 TEMP_SUFFIX = ".mapa-vae.tmp"
 STALE_TEMP_SECONDS = 3600.0  # a temp file untouched this long belongs to a dead writer
-
-
-class MapaError(ValueError):
-    """A problem with the user's input, reported as one line (the CLI exits with code 2)."""
 
 
 @contextmanager

@@ -9,86 +9,21 @@ line naming the file and, where it can, the row and column.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .groundtruth import GROUND_TRUTHS, GroundTruth, ground_truth
-from .storage import MapaError
+from ..errors import MapaError
 
-__all__ = ["Dataset", "check_array", "load_array", "load_dataset", "make_ground_truth_data"]
+__all__ = ["check_array", "load_array"]
+
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+
 _TOO_LARGE = f"is too large: models train in float32, |x| <= {FLOAT32_MAX:.3g}"
 
-
-@dataclass
-class Dataset:
-    """Splits ``(n, D)`` in float64; ``truth`` and the true codes ``z_*`` when known."""
-
-    name: str
-    train: Tensor
-    val: Tensor
-    test: Tensor
-    truth: GroundTruth | None = None
-    z_train: Tensor | None = None
-    z_val: Tensor | None = None
-    z_test: Tensor | None = None
-    order: Tensor | None = None  # a user's file: the file row of each row of train, val, test
-
-    @property
-    def dim(self) -> int:
-        return self.train.shape[1]
-
-    def unsplit(self) -> Tensor | None:
-        """A user's file in its own row order (so errors can name its rows), else None."""
-        if self.order is None:
-            return None
-        x = torch.empty((self.order.shape[0], self.dim), dtype=self.train.dtype)
-        x[self.order] = torch.cat([self.train, self.val, self.test])
-        return x
-
-
-def make_ground_truth_data(
-    name: str, n_train: int = 1000, n_val: int = 500, n_test: int = 2000, seed: int = 0,
-    surrogate: bool = True,
-) -> Dataset:
-    """Draw the splits of a built-in data set from its ground truth, reproducibly from ``seed``."""
-    truth = ground_truth(name, surrogate=surrogate)
-    g = torch.Generator().manual_seed(seed)
-    (x_tr, z_tr), (x_va, z_va), (x_te, z_te) = (truth.sample(n, g) for n in (n_train, n_val, n_test))
-    return Dataset(name, x_tr, x_va, x_te, truth, z_tr, z_va, z_te)
-
-
-def load_dataset(
-    source: str, n_train: int = 1000, n_val: int = 500, n_test: int = 2000, seed: int = 0
-) -> Dataset:
-    """A built-in data set by name, or a user's ``.npy`` / ``.csv`` file split at random.
-
-    A file is shuffled with ``seed`` and split 80 / 10 / 10 into train, validation and test.
-    """
-    if source in GROUND_TRUTHS:
-        return make_ground_truth_data(source, n_train, n_val, n_test, seed)
-    from .images import IMAGE_DATASETS, load_image_dataset  # images.py imports this module
-
-    if source in IMAGE_DATASETS:
-        return load_image_dataset(source, n_train, n_val, n_test, seed)
-    path = Path(source)
-    if path.suffix.lower() not in {".npy", ".csv"} or not path.exists():
-        raise MapaError(
-            f"{source!r} is neither a built-in data set ({', '.join([*GROUND_TRUTHS, *IMAGE_DATASETS])}) "
-            "nor an existing .npy or .csv file"
-        )
-    x = torch.from_numpy(load_array(path))
-    if x.shape[0] < 10:
-        raise MapaError(f"{path}: {x.shape[0]} rows is too few to split into train/val/test (need 10)")
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_va = n_te = max(1, x.shape[0] // 10)
-    va, te, tr = perm[:n_va], perm[n_va : n_va + n_te], perm[n_va + n_te :]
-    return Dataset(path.stem, x[tr], x[va], x[te], order=torch.cat([tr, va, te]))
 
 
 def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
@@ -120,6 +55,7 @@ def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
     else:
         raise MapaError(f"{path}: unsupported file type {suffix!r}; use .npy or .csv")
     return check_array(arr, str(path), expected_dim)
+
 
 
 def _read_csv(path: Path) -> np.ndarray:
@@ -157,12 +93,14 @@ def _read_csv(path: Path) -> np.ndarray:
     return values
 
 
+
 def _is_numeric_row(row: list[str]) -> bool:
     try:
         [float(c) for c in row]
     except ValueError:
         return False
     return True
+
 
 
 def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) -> np.ndarray:
@@ -194,3 +132,4 @@ def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) ->
     if expected_dim is not None and out.shape[1] != expected_dim:
         raise MapaError(f"{where}: data has {out.shape[1]} features, the model expects {expected_dim}")
     return out
+

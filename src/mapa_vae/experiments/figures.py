@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .models import Decoder
-from .posterior import MapaPosterior
-from .storage import atomic_write
+from ..inference.posterior import MapaPosterior
+from ..models.latent import Decoder
+from ..storage import atomic_write
 
 __all__ = ["PosteriorPanel", "plot_kl_vs_samples", "plot_passes", "plot_posteriors"]
 

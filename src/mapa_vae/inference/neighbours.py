@@ -22,141 +22,23 @@ floor below guarantees.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
-from .kernels import BernoulliKernel, GaussianKernel, Kernel
-from .posterior import MapaPosterior, _blocked_top_k, compute_posterior, default_top_k
-from .storage import MapaError
+from ..errors import MapaError
+from ..kernels import Kernel
+from .exact import blocked_top_k
+from .posterior import MapaPosterior, resolve_top_k
 
-__all__ = [
-    "AUTO_EXACT_FLOPS",
-    "AUTO_EXACT_POINTS",
-    "IndexParams",
-    "NeighbourIndex",
-    "SearchForm",
-    "build_posterior",
-    "cache_params",
-    "concat_rows",
-    "resolve_engine",
-    "search_form",
-]
-
-AUTO_EXACT_POINTS = 20_000  # engine="auto": exact up to this many points, whatever the cost
-# ... and above it while the 2 N² D flops of the exact table stay under (seconds at matmul speed):
-AUTO_EXACT_FLOPS = {"cpu": 4e12, "cuda": 1e16}  # ~0.5-1 min on a 2-core AVX-512 CPU; ~3 min on a GPU
-_GATHER = 1 << 24  # elements per (b, K, D) gather when rescoring pairs
+__all__ = ["IndexParams", "NeighbourIndex"]
 
 
-class SearchForm(ABC):
-    """A kernel written as ``log k(x_n | x_i) = s ⟨x_n, w_i⟩ + c_i + r_n`` over atoms ``(N, D)``.
+_GATHER = 1 << 24  # elements per (b, K, D) gather when rescoring pairs (kernels.SearchForm.pairs)
 
-    ``block`` drops the per-row constant ``r_n`` (it cancels in ``q``); ``pairs`` is exact.
-    ``search_atoms`` / ``search_queries`` are float32 vectors whose **L2** nearest neighbours are
-    the largest ``log k`` (faiss's HNSW over inner products degenerates on these atoms: recall
-    0.004 at N = 10⁵, so inner products are reduced to L2 with one extra coordinate).
-    """
-
-    @abstractmethod
-    def block(self, queries: Tensor, out: Tensor | None = None) -> Tensor:
-        """``log k(queries[b] | x_i) - r_b`` for all atoms, shape ``(B, N)``, into ``out`` if given."""
-
-    @abstractmethod
-    def pairs(self, queries: Tensor, index: Tensor) -> Tensor:
-        """``log k(queries[b] | x_{index[b, m]})``, shape ``(B, M)``, from ``(B, D)`` and ``(B, M)``."""
-
-    @abstractmethod
-    def search_atoms(self) -> np.ndarray:
-        """``(N, D')`` float32 vectors to index."""
-
-    @abstractmethod
-    def search_queries(self, queries: Tensor) -> np.ndarray:
-        """``(B, D')`` float32 query vectors."""
-
-
-class _GaussianForm(SearchForm):
-    """``log k = -‖x_n - x_i‖² / 2σ² = ⟨x_n, x_i⟩/σ² - ‖x_i‖²/2σ² - ‖x_n‖²/2σ²``; L2 search on x.
-
-    Distances do not move with the origin, so the data are centred first: the expansion loses
-    ``eps · ‖x‖² / 2σ²`` to rounding, 0.18 nats in float32 for data 5 away from the origin.
-    """
-
-    def __init__(self, kernel: GaussianKernel, atoms: Tensor) -> None:
-        self.mean = atoms.mean(0)  # (D,)
-        self.x = atoms - self.mean  # (N, D), centred
-        self.scale = 1.0 / kernel.noise_var
-        self.bias = self.x.pow(2).sum(-1).mul_(-0.5 * self.scale)  # (N,)
-
-    def block(self, queries: Tensor, out: Tensor | None = None) -> Tensor:
-        q = queries - self.mean  # (B, D)
-        out = torch.addmm(self.bias, q, self.x.T, alpha=self.scale, out=out)  # (B, N)
-        # ‖x_n - x_i‖² >= 0, lost to rounding for (near-)duplicates
-        return out.clamp_max_(q.pow(2).sum(-1, keepdim=True).mul_(0.5 * self.scale))
-
-    def pairs(self, queries: Tensor, index: Tensor) -> Tensor:
-        q = queries - self.mean  # (B, D)
-        dot = torch.bmm(_rows(self.x, index), q[:, :, None])[..., 0]  # (B, M)
-        sq_q = q.pow(2).sum(-1, keepdim=True)  # (B, 1)
-        return (dot.mul_(self.scale) + self.bias[index]).sub_(0.5 * self.scale * sq_q).clamp_max_(0.0)
-
-    def search_atoms(self) -> np.ndarray:
-        return _f32(self.x)
-
-    def search_queries(self, queries: Tensor) -> np.ndarray:
-        return _f32(queries - self.mean)
-
-
-class _BernoulliForm(SearchForm):
-    """``log k = ⟨x_n, w_i⟩ + c_i`` with ``w_i = logit μ_i``, ``c_i = Σ_d log(1 - μ_i^d)``.
-
-    The inner product search is reduced to L2 (Bachrach et al. 2014): atoms
-    ``[w_i, c_i, √(R² - ‖(w_i, c_i)‖²)]`` and queries ``[x_n, 1, 0]`` give
-    ``‖q - a‖² = ‖q‖² + R² - 2 log k``.
-    """
-
-    def __init__(self, kernel: BernoulliKernel, atoms: Tensor) -> None:
-        mu = kernel.rho * atoms + (1.0 - kernel.rho) * (1.0 - atoms)  # (N, D)
-        self.weight = torch.log(mu) - torch.log1p(-mu)  # (N, D)
-        self.bias = torch.log1p(-mu).sum(-1)  # (N,)
-
-    def block(self, queries: Tensor, out: Tensor | None = None) -> Tensor:
-        return torch.addmm(self.bias, queries, self.weight.T, out=out)  # (B, N)
-
-    def pairs(self, queries: Tensor, index: Tensor) -> Tensor:
-        return torch.bmm(_rows(self.weight, index), queries[:, :, None])[..., 0] + self.bias[index]
-
-    def search_atoms(self) -> np.ndarray:
-        a = torch.cat([self.weight, self.bias[:, None]], 1)  # (N, D+1)
-        sq = a.pow(2).sum(-1, keepdim=True)
-        return _f32(torch.cat([a, (sq.max() - sq).clamp_min_(0).sqrt_()], 1))  # (N, D+2)
-
-    def search_queries(self, queries: Tensor) -> np.ndarray:
-        one, zero = torch.ones_like(queries[:, :1]), torch.zeros_like(queries[:, :1])
-        return _f32(torch.cat([queries, one, zero], 1))  # (B, D+2)
-
-
-def _rows(a: Tensor, index: Tensor) -> Tensor:
-    """``a[index]``, shape ``(B, M, D)`` from ``(N, D)`` and ``(B, M)``; index_select is faster."""
-    return torch.index_select(a, 0, index.reshape(-1)).view(*index.shape, a.shape[1])
-
-
-def _f32(t: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
-
-
-def search_form(kernel: Kernel, atoms: Tensor) -> SearchForm | None:
-    """The inner-product form of ``kernel`` over ``atoms`` ``(N, D)``, or None if it has none."""
-    if isinstance(kernel, GaussianKernel):
-        return _GaussianForm(kernel, atoms)
-    if isinstance(kernel, BernoulliKernel):
-        return _BernoulliForm(kernel, atoms)
-    return None
 
 
 @dataclass(frozen=True)
@@ -195,6 +77,7 @@ class IndexParams:
                        nlist=nlist, nprobe=min(self.nprobe, nlist), tail_neighbours=extra)
 
 
+
 class NeighbourIndex:
     """An approximate top-``K`` MAPA posterior from a faiss index over ``data`` ``(N, D)``.
 
@@ -224,11 +107,9 @@ class NeighbourIndex:
         device: torch.device | str = "cpu",
     ) -> None:
         n = data.shape[0]
-        self.k = default_top_k(n) if top_k is None else min(int(top_k), n)
-        if self.k < 1:
-            raise MapaError(f"top_k must be >= 1, got {top_k}")
+        self.k = resolve_top_k(n, top_k)
         self.x = data.to(device=device, dtype=torch.float64)  # (N, D)
-        form = search_form(kernel, self.x)
+        form = kernel.search_form(self.x)
         if form is None:
             raise MapaError(f"the faiss engine needs a Gaussian or Bernoulli kernel, not {kernel.name!r}")
         self.form = form
@@ -294,7 +175,7 @@ class NeighbourIndex:
             bad = torch.isinf(best).any(-1).nonzero()[:, 0] if k > 1 else self_idx[:0]
             for r in bad.tolist():  # too few distinct atoms found: this row exactly
                 row = (lo + r, lo + r + 1)
-                exact = _blocked_top_k(self.form.block, self.x, k, 1, torch.float64, rows=row)
+                exact = blocked_top_k(self.form.block, self.x, k, 1, torch.float64, rows=row)
                 log_q[lo + r - start] = exact.log_q[0].to(dtype)
                 index[lo + r - start] = exact.index[0]
                 log_rest[lo + r - start] = exact.log_rest[0].to(dtype)
@@ -313,76 +194,3 @@ class NeighbourIndex:
         return torch.cat([self.form.pairs(q[i : i + step], index[i : i + step])
                           for i in range(0, q.shape[0], step)])
 
-
-def resolve_engine(n: int, d: int, device: torch.device | str = "cpu") -> str:
-    """``engine="auto"``: ``"exact"`` for ``N ≤ AUTO_EXACT_POINTS`` or while ``2 N² D`` flops fit
-    ``AUTO_EXACT_FLOPS`` of the device type (exact on a GPU up to ~10⁶ points of 784-d),
-    ``"faiss"`` above.
-
-    >>> resolve_engine(20_000, 784), resolve_engine(1_000_000, 64), resolve_engine(1_000_000, 64, "cuda")
-    ('exact', 'faiss', 'exact')
-    """
-    budget = AUTO_EXACT_FLOPS.get(torch.device(device).type, AUTO_EXACT_FLOPS["cpu"])
-    return "exact" if n <= AUTO_EXACT_POINTS or 2.0 * n * n * d <= budget else "faiss"
-
-
-def build_posterior(
-    data: Tensor,
-    kernel: Kernel,
-    top_k: int | None = None,
-    engine: str = "auto",
-    device: torch.device | str = "cpu",
-    block_size: int | None = None,
-    dtype: torch.dtype = torch.float64,
-    rows: tuple[int, int] | None = None,
-    **index_params: Any,
-) -> MapaPosterior:
-    """The top-``K`` MAPA posterior of ``data`` ``(N, D)`` by ``engine``: ``"exact"``
-    (:func:`~mapa_vae.posterior.compute_posterior`), ``"faiss"`` (:class:`NeighbourIndex`,
-    settings ``index_params`` of :class:`IndexParams`) or ``"auto"`` (:func:`resolve_engine`).
-
-    ``block_size`` defaults to 1024 rows (exact) or 16 384 queries (faiss); ``rows`` computes one
-    shard, see :func:`concat_rows`.
-
-    >>> x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    >>> post = build_posterior(x, GaussianKernel(1.0), top_k=16, engine="faiss", index="hnsw")
-    >>> post.index[:3, 0].tolist(), post.log_q.shape
-    ([0, 1, 2], torch.Size([300, 16]))
-    """
-    picked = _pick(data.shape[0], data[0].numel(), engine, device, index_params)
-    if picked == "exact":
-        return compute_posterior(data, kernel, top_k, block_size or 1024, device, dtype, rows=rows)
-    nn = NeighbourIndex(data, kernel, top_k, _index_params(index_params), device)
-    return nn.posterior(rows, block_size or 16_384, dtype)
-
-
-def _pick(n: int, d: int, engine: str, device: torch.device | str, index_params: dict[str, Any]) -> str:
-    """The engine that runs; index settings are an error for an explicit ``"exact"`` only."""
-    if engine not in ("exact", "faiss", "auto"):
-        raise MapaError(f"unknown posterior engine {engine!r}; use exact, faiss or auto")
-    if engine == "exact" and index_params:
-        raise MapaError(f"the exact engine takes no index settings, got {sorted(index_params)}")
-    return resolve_engine(n, d, device) if engine == "auto" else engine
-
-
-def _index_params(index_params: dict[str, Any]) -> IndexParams:
-    try:
-        return IndexParams(**index_params)
-    except TypeError:
-        raise MapaError(f"unknown index settings in {sorted(index_params)}; "
-                        f"known: {sorted(IndexParams.__dataclass_fields__)}") from None
-
-
-def cache_params(n: int, d: int, top_k: int, engine: str, device: torch.device | str,
-                 **index_params: Any) -> dict[str, Any]:
-    """What ``engine`` adds to the posterior cache key: nothing for the exact engine (old
-    caches stay valid), else its name and every resolved :class:`IndexParams` field."""
-    if _pick(n, d, engine, device, index_params) == "exact":
-        return {}
-    return {"engine": "faiss", **asdict(_index_params(index_params).resolved(n, top_k))}
-
-
-def concat_rows(shards: list[MapaPosterior]) -> MapaPosterior:
-    """Join row shards (in row order) computed with ``rows=`` into the full table."""
-    fields = ("log_q", "index", "log_rest")
-    return MapaPosterior(*(torch.cat([getattr(s, f) for s in shards]) for f in fields))

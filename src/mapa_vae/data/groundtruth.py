@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .models import MLP, Decoder, GaussianLikelihood, LatentVariableModel, StandardNormal
-from .storage import MapaError, load_tensors, save_tensors
+from ..errors import MapaError
+from ..models.latent import Decoder, LatentVariableModel, StandardNormal
+from ..models.likelihoods import GaussianLikelihood
+from ..models.networks import MLP
+from ..storage import load_tensors, save_tensors
 
 __all__ = [
     "GROUND_TRUTHS",

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .models import LatentVariableModel
+from ..errors import MapaError
+from ..models.latent import LatentVariableModel
+from ..registry import ESTIMATORS
 from .posterior import MapaPosterior
-from .storage import MapaError
 
 __all__ = [
     "ELBO",
@@ -143,8 +144,7 @@ class IWAE(Objective):
         if samples < 1:
             raise ValueError(f"IWAE needs at least one sample, got {samples}")
         if estimator not in self.ESTIMATORS:
-            choices = ", ".join(self.ESTIMATORS)
-            raise MapaError(f"unknown IWAE estimator {estimator!r}; choose from {choices}")
+            raise MapaError(f"unknown IWAE estimator {estimator!r}; choose from {', '.join(self.ESTIMATORS)}")
         self.samples = samples
         self.estimator = estimator
 
@@ -164,6 +164,11 @@ class IWAE(Objective):
             z.register_hook(lambda grad: grad * w_tilde[..., None])
         surrogate = torch.logsumexp(log_w, 0) - math.log(self.samples)
         return Bound(surrogate.detach(), surrogate)
+
+
+ESTIMATORS.register("naive", "plain autodiff of the bound")
+ESTIMATORS.register("stl", "sticking the landing (Roeder et al. 2017): IWAE's score term dropped")
+ESTIMATORS.register("dreg", "doubly reparameterized (Tucker et al. 2019)")
 
 
 def _path_log_prob(q: Distribution, z: Tensor) -> Tensor:

@@ -1,4 +1,13 @@
-"""Encoder and decoder networks for images (SPEC §8): small convolutional nets beside the MLP.
+"""Networks, likelihoods and the latent-variable model (SPEC §1).
+
+Every stochastic piece returns a ``torch.distributions.Distribution``: a :class:`Likelihood`
+maps decoder outputs to ``p(x | f(z))``, a :class:`Decoder` maps ``z`` to that distribution,
+a :class:`GaussianEncoder` maps ``x`` to a mean-field ``q(z | x)`` and :class:`StandardNormal`
+is the prior. MAPA's encoder ``g_ψ`` is deterministic (the atoms of the empirical prior are
+``z_i = g_ψ(x_i)``), so :class:`CodeEncoder` returns a tensor of codes.
+
+
+Encoder and decoder networks for images (SPEC §8): small convolutional nets beside the MLP.
 
 The networks are plain ``nn.Module``s on *flattened* data, so they slot into the model classes
 of :mod:`mapa_vae.models` unchanged: ``GaussianEncoder(ConvEncoderNet(shape, 2 * L))`` (VAE,
@@ -26,12 +35,35 @@ from itertools import pairwise
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import ACTIVATIONS, MLP
-from .storage import MapaError
+from ..errors import MapaError
+from ..registry import ACTIVATIONS, NETWORKS
 
-__all__ = ["NETWORKS", "ConvDecoderNet", "ConvEncoderNet", "build_networks"]
+__all__ = ["ConvDecoderNet", "ConvEncoderNet", "build_networks"]
 
-NETWORKS = ("mlp", "conv")
+
+for _name, _act in (("tanh", nn.Tanh), ("relu", nn.ReLU), ("leaky_relu", nn.LeakyReLU), ("silu", nn.SiLU)):
+    ACTIVATIONS.register(_name, _act)
+
+
+
+class MLP(nn.Sequential):
+    """Fully connected network ``d_in → hidden… → d_out`` (the paper's is 3 × 50, tanh here)."""
+
+    def __init__(
+        self, d_in: int, d_out: int, hidden: Sequence[int] = (50, 50, 50), activation: str = "tanh"
+    ) -> None:
+        layers: list[nn.Module] = []
+        widths = [d_in, *hidden]
+        for a, b in pairwise(widths):
+            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
+        layers.append(nn.Linear(widths[-1], d_out))
+        super().__init__(*layers)
+
+
+
+NETWORKS.register("mlp", "fully connected encoder and decoder")
+NETWORKS.register("conv", "a small conv encoder and decoder for images")
+
 
 
 def _check(image_shape: Sequence[int], channels: Sequence[int], activation: str) -> tuple[int, int, int]:
@@ -40,13 +72,14 @@ def _check(image_shape: Sequence[int], channels: Sequence[int], activation: str)
         raise MapaError(f"image shape must be (C, H, W) with positive sides, got {tuple(image_shape)}")
     if not channels or min(channels) < 1:
         raise MapaError(f"conv channels must be one or more positive widths, got {tuple(channels)}")
-    if activation not in ACTIVATIONS:
-        raise MapaError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    ACTIVATIONS[activation]  # an unknown name is a one-line error
     return shape[0], shape[1], shape[2]
+
 
 
 def _widths(hidden: int | Sequence[int]) -> tuple[int, ...]:
     return (hidden,) if isinstance(hidden, int) else tuple(hidden)
+
 
 
 class _Canvas:
@@ -58,6 +91,7 @@ class _Canvas:
         self.h0, self.w0 = math.ceil(h / f), math.ceil(w / f)  # side after n halvings
         self.top, self.left = (self.h0 * f - h) // 2, (self.w0 * f - w) // 2
         self.pad = (self.left, self.w0 * f - w - self.left, self.top, self.h0 * f - h - self.top)
+
 
 
 class ConvEncoderNet(nn.Module):
@@ -92,6 +126,7 @@ class ConvEncoderNet(nn.Module):
         return out.reshape(*lead, out.shape[-1])
 
 
+
 class ConvDecoderNet(nn.Module):
     """``z (…, L) ↦ (…, C·H·W)``: an MLP to a ``channels[0] × h0 × w0`` map, then stride-2 4×4
     transposed convolutions (the last one to ``C`` channels, no activation), cropped to ``H × W``.
@@ -124,6 +159,7 @@ class ConvDecoderNet(nn.Module):
         return img[:, :, top : top + h, left : left + w].reshape(*lead, c * h * w)
 
 
+
 def build_networks(
     kind: str,
     data_dim: int,
@@ -154,8 +190,7 @@ def build_networks(
     if kind == "mlp":
         return (lambda out: MLP(data_dim, out, hidden, activation),
                 lambda: MLP(latent_dim, data_dim, hidden, activation))
-    if kind != "conv":
-        raise MapaError(f"unknown network kind {kind!r}; choose from {', '.join(NETWORKS)}")
+    NETWORKS[kind]  # an unknown name is a one-line error
     if image_shape is None:
         raise MapaError("conv networks need the image shape (C, H, W) of the data")
     if math.prod(image_shape) != data_dim:
@@ -166,3 +201,4 @@ def build_networks(
         lambda out: ConvEncoderNet(shape, out, channels, hidden, activation),
         lambda: ConvDecoderNet(latent_dim, shape, tuple(reversed(channels)), hidden, activation),
     )
+

@@ -37,11 +37,11 @@ from torch.distributions import (
     kl_divergence,
 )
 
-from .models import CodeEncoder, LatentVariableModel, StandardNormal
-from .storage import MapaError
+from ..errors import MapaError
+from ..registry import PRIOR_FITS
+from .latent import CodeEncoder, LatentVariableModel, StandardNormal
 
 __all__ = [
-    "PRIOR_FITS",
     "CopulaFit",
     "MonotoneMap",
     "copula_codes",
@@ -49,7 +49,8 @@ __all__ = [
     "mapped_model",
 ]
 
-PRIOR_FITS = ("map", "refit")
+PRIOR_FITS.register("map", "compose with the exact monotone copula map")
+PRIOR_FITS.register("refit", "refit new networks (the paper's App. C.3)")
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,7 @@ def fit_copula_prior(
     """
     if not isinstance(model.encoder, CodeEncoder):
         raise MapaError("the copula prior applies to MAPA models (a deterministic encoder)")
-    if method not in PRIOR_FITS:
-        raise MapaError(f"unknown prior fit {method!r}; choose from {', '.join(PRIOR_FITS)}")
+    PRIOR_FITS[method]  # an unknown name is a one-line error
     torch.manual_seed(seed)
     with torch.no_grad():
         codes = model.encoder(x)  # (N, 1)

@@ -23,9 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .groundtruth import GROUND_TRUTHS
-from .storage import MapaError, read_json, write_json
-from .training import TrainConfig, train
+from ..config import TrainConfig
+from ..data.groundtruth import GROUND_TRUTHS
+from ..errors import MapaError
+from ..storage import read_json, write_json
+from ..training.loop import train
 
 __all__ = ["BACKENDS", "PROFILES", "VARIANTS", "Job", "Profile", "Variant", "make_jobs", "run_jobs"]
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Dataset
-from .storage import MapaError
+from ..errors import MapaError
+from .dataset import Dataset
 
 __all__ = [
     "IMAGE_DATASETS",

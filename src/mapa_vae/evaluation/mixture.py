@@ -16,106 +16,19 @@ ground-truth samples, with its standard error.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
-from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from .models import MLP, Decoder, LatentVariableModel, StandardNormal
-from .objectives import IWAE
+from ..inference.objectives import IWAE
+from ..models.latent import LatentVariableModel
+from ..models.networks import MLP
+from .likelihood import _float64
 
-__all__ = [
-    "KLEstimate",
-    "importance_log_likelihood",
-    "log_likelihood",
-    "mixture_proposal_log_likelihood",
-    "quadrature_log_likelihood",
-    "test_kl",
-]
-
-DEFAULT_GRID = 2**16
-
-
-M = TypeVar("M", bound=torch.nn.Module)
-
-
-def _device(module: torch.nn.Module, x: Tensor) -> torch.device:
-    """Where ``module`` lives (its first parameter or buffer), else where ``x`` is."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return x.device
-
-
-def _float64(module: M) -> M:
-    return copy.deepcopy(module).double().eval()
-
-
-@torch.no_grad()
-def quadrature_log_likelihood(decoder: Decoder, x: Tensor, grid: int = DEFAULT_GRID) -> Tensor:
-    """``log p(x)`` ``(B,)`` of ``z ~ N(0, 1)``, ``x ~ decoder(z)`` by quadrature, in float64.
-
-    >>> from mapa_vae.models import GaussianLikelihood
-    >>> lin = torch.nn.Linear(1, 1, bias=False); _ = lin.weight.data.fill_(2.0)
-    >>> dec = Decoder(lin, GaussianLikelihood(1.0))  # x = 2 z + ε, so x ~ N(0, 5)
-    >>> x = torch.tensor([[0.0], [1.0]])
-    >>> exact = Normal(0.0, math.sqrt(5.0)).log_prob(x[:, 0]).double()
-    >>> bool(torch.allclose(quadrature_log_likelihood(dec, x), exact, atol=1e-6))
-    True
-    """
-    dec = _float64(decoder)
-    device = _device(dec, x)
-    u = (torch.arange(grid, dtype=torch.float64, device=device) + 0.5) / grid
-    z = torch.special.ndtri(u)[:, None]  # (M, 1)
-    params = dec.net(z)  # (M, D')
-    x = x.to(device, torch.float64)
-    chunk = max(1, 2**24 // (grid * max(1, params.shape[-1])))
-    out = [
-        torch.logsumexp(dec.likelihood.pairwise_log_prob(params, x[i : i + chunk]), -1)
-        for i in range(0, x.shape[0], chunk)
-    ]  # each (c,)
-    return (torch.cat(out) - math.log(grid)).cpu()
-
-
-def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float) -> Distribution:
-    """``q(z | x)``: the model's encoder, or ``N(g(x), code_scale²)`` for a deterministic one."""
-    enc = model.encoder(x)
-    if isinstance(enc, Distribution):
-        return enc
-    return Independent(Normal(enc, torch.full_like(enc, code_scale)), 1)
-
-
-@torch.no_grad()
-def importance_log_likelihood(
-    model: LatentVariableModel, x: Tensor, samples: int = 1000, code_scale: float = 0.1,
-    defensive: float = 0.1, chunk: int = 100,
-) -> Tensor:
-    """Importance-sampled ``log p(x)`` ``(B,)``: ``log (1/S) Σ_s p(x, z_s) / r(z_s | x)``.
-
-    ``r = (1 - a) q(z | x) + a p(z)`` mixes the encoder's proposal with the model's own prior
-    (``a = defensive``), so every weight is at most ``p(x | z) / a``: the support and tails
-    cover the posterior's whatever the prior is (a flow fitted to MAPA's codes, or N(0, I)).
-    In expectation it is a lower bound on ``log p(x)``.
-    """
-    m = _float64(model)
-    x = x.to(_device(m, x), torch.float64)
-    out = []
-    for i in range(0, x.shape[0], chunk):
-        xb = x[i : i + chunk]
-        q, p = _proposal(m, xb, code_scale), m.prior()
-        zq = q.sample((samples,))  # (S, b, L)
-        zp = p.sample((samples, xb.shape[0]))  # (S, b, L)
-        pick = torch.rand(samples, xb.shape[0], 1, device=x.device) < defensive
-        z = torch.where(pick, zp, zq)
-        log_p_z = p.log_prob(z)  # (S, b)
-        log_r = torch.logaddexp(math.log1p(-defensive) + q.log_prob(z), math.log(defensive) + log_p_z)
-        log_w = m.decoder(z).log_prob(xb) + log_p_z - log_r  # (S, b)
-        out.append(torch.logsumexp(log_w, 0) - math.log(samples))
-    return torch.cat(out).cpu()
+__all__ = ["MixtureProposal", "ReparameterizedMixture", "mixture_proposal_log_likelihood"]
 
 
 class ReparameterizedMixture(MixtureSameFamily):
@@ -158,6 +71,7 @@ class ReparameterizedMixture(MixtureSameFamily):
         return torch.stack(zs, -1)  # (*S, B, L)
 
 
+
 class MixtureProposal(torch.nn.Module):
     """Amortized ``q(z | x)``: one MLP maps ``x`` ``(B, D)`` to a
     :class:`ReparameterizedMixture` of ``C`` diagonal Gaussians in ``L`` dimensions."""
@@ -174,6 +88,7 @@ class MixtureProposal(torch.nn.Module):
         return ReparameterizedMixture(
             logits, loc.reshape(shape), log_scale.reshape(shape).clamp(-15, 10).exp()
         )
+
 
 
 def mixture_proposal_log_likelihood(
@@ -231,38 +146,3 @@ def mixture_proposal_log_likelihood(
                 out.append(torch.logsumexp(torch.stack(parts), 0) - math.log(eval_samples))
     return torch.cat(out)
 
-
-def log_likelihood(model: LatentVariableModel, x: Tensor, grid: int = DEFAULT_GRID,
-                   samples: int = 1000) -> Tensor:
-    """``log p(x)`` by quadrature for a 1-D latent under N(0, 1), else by importance sampling."""
-    if model.latent_dim == 1 and isinstance(model.prior, StandardNormal):
-        return quadrature_log_likelihood(model.decoder, x, grid)
-    return importance_log_likelihood(model, x, samples)
-
-
-@dataclass(frozen=True)
-class KLEstimate:
-    """Monte Carlo estimate of ``KL[p_GT ‖ p]`` and its standard error, in nats."""
-
-    kl: float
-    stderr: float
-    log_lik_truth: float
-    log_lik_model: float
-
-
-def test_kl(truth: LatentVariableModel, model: LatentVariableModel, x_test: Tensor,
-            grid: int = DEFAULT_GRID) -> KLEstimate:
-    """``E_{x~p_GT}[log p_GT(x) - log p(x)]`` over ``x_test`` (fresh samples of the truth)."""
-    lp_truth = log_likelihood(truth, x_test, grid)
-    lp_model = log_likelihood(model, x_test, grid)
-    diff = lp_truth - lp_model
-    n = diff.numel()
-    return KLEstimate(
-        kl=float(diff.mean()),
-        stderr=float(diff.std() / math.sqrt(n)) if n > 1 else math.nan,
-        log_lik_truth=float(lp_truth.mean()),
-        log_lik_model=float(lp_model.mean()),
-    )
-
-
-test_kl.__test__ = False  # type: ignore[attr-defined]  # not a pytest test despite its name

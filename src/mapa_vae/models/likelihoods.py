@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from itertools import pairwise
 from typing import Any
 
 import torch
@@ -26,46 +24,17 @@ from torch.distributions import (
     Normal,
 )
 
-from .kernels import BernoulliKernel, GaussianKernel, Kernel
-from .storage import MapaError
+from ..errors import MapaError
+from ..kernels import BernoulliKernel, GaussianKernel, Kernel
+from ..registry import LIKELIHOODS
 
 __all__ = [
-    "MLP",
     "BernoulliLikelihood",
-    "CodeEncoder",
     "ContinuousBernoulliLikelihood",
-    "Decoder",
-    "GaussianEncoder",
     "GaussianLikelihood",
-    "LatentVariableModel",
     "Likelihood",
-    "Prior",
-    "StandardNormal",
     "make_likelihood",
 ]
-
-ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "tanh": nn.Tanh,
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "silu": nn.SiLU,
-}
-
-
-class MLP(nn.Sequential):
-    """Fully connected network ``d_in → hidden… → d_out`` (the paper's is 3 × 50, tanh here)."""
-
-    def __init__(
-        self, d_in: int, d_out: int, hidden: Sequence[int] = (50, 50, 50), activation: str = "tanh"
-    ) -> None:
-        if activation not in ACTIVATIONS:
-            raise MapaError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-        layers: list[nn.Module] = []
-        widths = [d_in, *hidden]
-        for a, b in pairwise(widths):
-            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
-        layers.append(nn.Linear(widths[-1], d_out))
-        super().__init__(*layers)
 
 
 class Likelihood(nn.Module, ABC):
@@ -104,6 +73,7 @@ class Likelihood(nn.Module, ABC):
         """Raise a one-line error if ``x`` lies outside this likelihood's support."""
 
 
+
 class GaussianLikelihood(Likelihood):
     """``x ~ N(f(z), σ² I)`` with a fixed noise variance ``σ²``."""
 
@@ -135,6 +105,7 @@ class GaussianLikelihood(Likelihood):
         return {"name": self.name, "noise_var": self.noise_var}
 
 
+
 class _UnitIntervalLikelihood(Likelihood, ABC):
     """Likelihoods for data in [0, 1]; the MAPA kernel is the softened Bernoulli kernel."""
 
@@ -159,6 +130,7 @@ class _UnitIntervalLikelihood(Likelihood, ABC):
             )
 
 
+
 class BernoulliLikelihood(_UnitIntervalLikelihood):
     """``x^d ~ Bernoulli(sigmoid(f(z)^d))``; values in [0, 1] are scored by cross-entropy."""
 
@@ -175,6 +147,7 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
         return x @ params.T - F.softplus(params).sum(-1)  # (B, M)
 
 
+
 class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
     """Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): a proper density on [0, 1]."""
 
@@ -187,112 +160,15 @@ class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
         return ContinuousBernoulli(logits=params, validate_args=False).mean
 
 
-LIKELIHOODS: dict[str, type[Likelihood]] = {
-    GaussianLikelihood.name: GaussianLikelihood,
-    BernoulliLikelihood.name: BernoulliLikelihood,
-    ContinuousBernoulliLikelihood.name: ContinuousBernoulliLikelihood,
-}
+
+for _lik in (GaussianLikelihood, BernoulliLikelihood, ContinuousBernoulliLikelihood):
+    LIKELIHOODS.register(_lik.name, _lik)
+
 
 
 def make_likelihood(config: dict[str, Any]) -> Likelihood:
     """Rebuild a likelihood from :meth:`Likelihood.config`."""
     config = dict(config)
     name = config.pop("name")
-    if name not in LIKELIHOODS:
-        raise MapaError(f"unknown likelihood {name!r}; choose from {sorted(LIKELIHOODS)}")
     return LIKELIHOODS[name](**config)
 
-
-class Decoder(nn.Module):
-    """``z ↦ p(x | f_θ(z))``: a network followed by a likelihood."""
-
-    net: nn.Module
-    likelihood: Likelihood
-
-    def __init__(self, net: nn.Module, likelihood: Likelihood) -> None:
-        super().__init__()
-        self.net = net
-        self.likelihood = likelihood
-
-    def forward(self, z: Tensor) -> Distribution:
-        return self.likelihood(self.net(z))
-
-    def mean(self, z: Tensor) -> Tensor:
-        """The noiseless decoder mean ``E[x | z]``."""
-        return self.likelihood.mean(self.net(z))
-
-
-class GaussianEncoder(nn.Module):
-    """Mean-field ``q(z | x) = N(μ(x), diag σ(x)²)`` used by the VAE and IWAE."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net  # outputs (..., 2L): mean and log standard deviation
-
-    def forward(self, x: Tensor) -> Distribution:
-        loc, log_scale = self.net(x).chunk(2, dim=-1)
-        return Independent(Normal(loc, log_scale.clamp(-15, 10).exp(), validate_args=False), 1)
-
-
-class CodeEncoder(nn.Module):
-    """MAPA's deterministic ``g_ψ: x ↦ z``: the atoms of the empirical prior (Eq. 5)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class Prior(nn.Module, ABC):
-    """A prior ``p(z)``: ``forward()`` (no input) returns a distribution with event shape ``(L,)``."""
-
-    latent_dim: int
-
-    @abstractmethod
-    def forward(self) -> Distribution: ...
-
-
-class StandardNormal(Prior):
-    """The prior ``p(z) = N(0, I_L)``."""
-
-    zero: Tensor
-
-    def __init__(self, latent_dim: int) -> None:
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.register_buffer("zero", torch.zeros(()))
-
-    def forward(self) -> Distribution:
-        loc = self.zero.expand(self.latent_dim)
-        return Independent(Normal(loc, torch.ones_like(loc), validate_args=False), 1)
-
-
-class LatentVariableModel(nn.Module):
-    """``z ~ p(z)``, ``x | z ~ p(x | f(z))``, with an encoder for inference.
-
-    ``encoder`` is a :class:`GaussianEncoder` (VAE, IWAE) or a :class:`CodeEncoder` (MAPA).
-    """
-
-    encoder: nn.Module
-    decoder: Decoder
-    prior: Prior
-
-    def __init__(self, encoder: nn.Module, decoder: Decoder, prior: Prior) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-        self.prior = prior
-
-    @property
-    def latent_dim(self) -> int:
-        return self.prior.latent_dim
-
-    @torch.no_grad()
-    def sample(self, n: int, mean: bool = False) -> Tensor:
-        """Draw ``n`` new points by the generative process; ``mean`` skips the observation noise."""
-        z = self.prior().sample((n,))  # (n, L)
-        if mean:
-            return self.decoder.mean(z)
-        return self.decoder(z).sample()

@@ -12,7 +12,7 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .storage import atomic_write
+from ..storage import atomic_write
 
 __all__ = ["Report"]
 

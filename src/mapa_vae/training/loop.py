@@ -28,7 +28,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,134 +36,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import NETWORKS
-from .code_priors import CODE_PRIORS
-from .data import Dataset, load_dataset
-from .distributed import DEVICES, init_parallel, resolve_device
-from .evaluation import DEFAULT_GRID, log_likelihood, test_kl
-from .methods import ESTIMATORS, METHODS, POSTERIORS, Architecture, Method, Setting
-from .models import LatentVariableModel, make_likelihood
-from .priors import PRIOR_FITS
-from .storage import MapaError, load_tensors, read_json, save_tensors, write_json
+from ..config import TrainConfig
+from ..data.dataset import Dataset
+from ..data.images import IMAGE_DATASETS
+from ..data.loading import load_dataset
+from ..errors import MapaError
+from ..evaluation.likelihood import test_kl
+from ..methods.base import Architecture, Method
+from ..models.latent import LatentVariableModel
+from ..models.likelihoods import make_likelihood
+from ..registry import METHODS
+from ..storage import load_tensors, save_tensors, write_json
+from .distributed import init_parallel, resolve_device
 
-__all__ = ["Run", "TrainConfig", "TrainResult", "default_cache_dir", "load_run", "train"]
-
-
-def default_cache_dir() -> Path:
-    """``$MAPA_VAE_CACHE`` or ``~/.cache/mapa-vae``."""
-    import os
-
-    return Path(os.environ.get("MAPA_VAE_CACHE", Path.home() / ".cache" / "mapa-vae")).expanduser()
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as ``config.json`` so a run can be rebuilt from it."""
-
-    data: str = "figure-8"  # a built-in data set name or a .npy / .csv path
-    method: str = "mapa"  # mapa | vae | iwae
-    samples: int = 100  # S: importance samples (IWAE) or tail draws (MAPA)
-    k: int | None = None  # MAPA's top-k; None = 10 % of S (at least 1)
-    epochs: int = 500  # the paper's protocol (App. C.2)
-    batch_size: int = 100
-    lr: float = 1e-3
-    seed: int = 0  # initialization, batching and sampling
-    data_seed: int = 0  # which draw of the data set
-    n_train: int = 1000
-    n_val: int = 500
-    n_test: int = 2000
-    likelihood: str = "gaussian"  # gaussian | bernoulli | continuous-bernoulli
-    noise_var: float | None = None  # σ²; None = the data set's own (required for files)
-    rho: float = 0.9  # Bernoulli kernel softening, in (0.5, 1)
-    latent_dim: int = 1
-    hidden: tuple[int, ...] = (50, 50, 50)  # the ground truth's 3 × 50
-    activation: str = "tanh"
-    network: str = "mlp"  # mlp | conv (images: a small conv encoder and decoder)
-    channels: tuple[int, ...] = (32, 64)  # conv: channels of the stride-2 layers
-    image_shape: tuple[int, int, int] | None = None  # conv on a file: (C, H, W); built-ins know
-    top_k: int | None = None  # neighbours stored per point; None = all up to 2048 points
-    posterior_engine: str = "auto"  # exact (blocked matmul) | faiss (approximate) | auto (by N, D)
-    posterior: str = "kernel"  # MAPA's q(i|n): kernel | ground-truth (MAPA-GT) | uniform (naive)
-    estimator: str = "naive"  # IWAE's encoder gradient: naive | stl | dreg (Roeder; Tucker)
-    eval_every: int = 10  # epochs between validation scores (and checkpoints)
-    val_grid: int = 2**12  # quadrature grid for validation; the final test uses 2**16
-    test_grid: int = DEFAULT_GRID
-    prior_fit: str = "map"  # MAPA, L = 1: copula map (exact monotone map) | refit (paper C.3)
-    prior_steps: int = 4000  # refit only: full-batch steps for each new network
-    code_prior: str = "flow"  # MAPA, L > 1: flow (neural spline flow) | mixture (full-cov GMM)
-    code_prior_steps: int = 2000  # flow: Adam steps (early stop on 10 % held-out codes); mixture: EM
-    prior_components: int = 10  # mixture prior: Gaussian components
-    flow_transforms: int = 3  # flow prior: autoregressive spline layers
-    flow_hidden: tuple[int, ...] = (64, 64)  # flow prior: hypernetwork widths
-    cache_dir: str | None = None  # posterior cache; None = $MAPA_VAE_CACHE or ~/.cache/mapa-vae
-    device: str = "cpu"  # cpu | cuda | auto; under torchrun each process takes its local GPU
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(self.hidden)
-        self.channels = tuple(self.channels)
-        if self.image_shape is not None:
-            self.image_shape = tuple(self.image_shape)  # type: ignore[assignment]
-        if self.network not in NETWORKS:
-            raise MapaError(f"unknown network {self.network!r}; choose from {', '.join(NETWORKS)}")
-        if self.method not in METHODS:
-            raise MapaError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        for name in ("samples", "epochs", "batch_size", "latent_dim", "eval_every"):
-            if getattr(self, name) < (0 if name == "samples" else 1):
-                raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.k is not None and self.k < 1:
-            raise MapaError(f"k must be >= 1, got {self.k}")
-        if self.posterior not in POSTERIORS:
-            raise MapaError(f"unknown posterior {self.posterior!r}; choose from {', '.join(POSTERIORS)}")
-        if self.estimator not in ESTIMATORS:
-            raise MapaError(f"unknown estimator {self.estimator!r}; choose from {', '.join(ESTIMATORS)}")
-        self.flow_hidden = tuple(self.flow_hidden)
-        if self.code_prior not in CODE_PRIORS:
-            raise MapaError(f"unknown code prior {self.code_prior!r}; choose from {', '.join(CODE_PRIORS)}")
-        for name in ("code_prior_steps", "prior_components", "flow_transforms"):
-            if getattr(self, name) < 1:
-                raise MapaError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.posterior_engine not in ("auto", "exact", "faiss"):
-            raise MapaError(f"unknown posterior engine {self.posterior_engine!r}; choose from "
-                            "auto, exact, faiss")
-        if self.device not in DEVICES:
-            raise MapaError(f"unknown device {self.device!r}; choose from {', '.join(DEVICES)}")
-        if self.prior_fit not in PRIOR_FITS:
-            raise MapaError(f"unknown prior fit {self.prior_fit!r}; choose from {', '.join(PRIOR_FITS)}")
-
-    @property
-    def mapa_k(self) -> int:
-        return self.k if self.k is not None else max(1, round(0.1 * self.samples))
-
-    def setting(self) -> Setting:
-        """The method-specific knobs handed to :class:`~mapa_vae.methods.Method`."""
-        return Setting(
-            samples=self.samples,
-            k=self.mapa_k,
-            top_k=self.top_k,
-            cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir(),
-            prior_steps=self.prior_steps,
-            val_grid=self.val_grid,
-            seed=self.seed,
-            posterior=self.posterior,
-            posterior_engine=self.posterior_engine,
-            estimator=self.estimator,
-            prior_fit=self.prior_fit,
-            code_prior=self.code_prior,
-            code_prior_steps=self.code_prior_steps,
-            code_prior_config=(
-                (("components", self.prior_components),) if self.code_prior == "mixture"
-                else (("transforms", self.flow_transforms), ("hidden", self.flow_hidden))
-            ),
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise MapaError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+__all__ = ["TrainResult", "evaluate_final", "train"]
 
 
 @dataclass
@@ -176,34 +62,34 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002  (seeds user code that uses the legacy global RNG)
     torch.manual_seed(seed)
 
 
+
 def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
-    if cfg.likelihood == "gaussian":
+    """The observation model: ``cfg.likelihood``, else the data set's own (a built-in image set
+    names one; curves and files are Gaussian), with the curve's noise variance by default."""
+    name = cfg.likelihood or (IMAGE_DATASETS[cfg.data].likelihood if cfg.data in IMAGE_DATASETS
+                              else "gaussian")
+    if name == "gaussian":
         noise_var = cfg.noise_var
         if noise_var is None:
             if data.truth is None:
-                raise MapaError(f"{cfg.data}: --noise-var is required for a Gaussian likelihood on "
-                                "your own data")
+                raise MapaError(f"{cfg.data}: a Gaussian likelihood needs --noise-var on this data "
+                                "(or choose --likelihood bernoulli / continuous-bernoulli for data "
+                                "in [0, 1])")
             noise_var = data.truth.noise_var
         return {"name": "gaussian", "noise_var": noise_var}
-    return {"name": cfg.likelihood, "rho": cfg.rho}
-
-
-def _architecture(cfg: TrainConfig, data_dim: int) -> Architecture:
-    from .images import IMAGE_DATASETS, image_shape
-
-    shape = cfg.image_shape or (image_shape(cfg.data) if cfg.data in IMAGE_DATASETS else None)
-    return Architecture(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation, cfg.network, shape,
-                        cfg.channels)
+    return {"name": name, "rho": cfg.rho}
 
 
 def _finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
@@ -211,14 +97,17 @@ def _grads_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
+
 # Fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE = ("epochs", "cache_dir", "device")
+_RESUMABLE = ("epochs", "cache_dir", "device", "threads")
 
 
-def _config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir",)) -> str:
+
+def _config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device", "threads")) -> str:
     """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
     return json.dumps(d, sort_keys=True, default=str)
+
 
 
 def _check_resumable(ck: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -237,11 +126,13 @@ def _check_resumable(ck: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
                         "only --epochs may change")
 
 
+
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
           resume: bool = False) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data``; write the run to ``out_dir`` if given."""
     out = Path(out_dir) if out_dir is not None else None
     method: Method = METHODS[cfg.method]
+    method.check(cfg)
     data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
     lik_config = _likelihood_config(cfg, data)
     likelihood = make_likelihood(lik_config)
@@ -253,15 +144,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     for x, where in checks:
         likelihood.check_data(x, where)
     del full, checks
-    setting = cfg.setting()
     par = init_parallel(cfg.device)
     device = resolve_device(cfg.device, par.local_rank)
     out = out if par.main else None  # only rank 0 writes
     _seed_everything(cfg.seed)
     dtype = torch.float32
     train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
-    model = method.build(_architecture(cfg, data.dim), likelihood).to(device, dtype)
-    objective = method.objective(model, train_x, setting, data)
+    model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg).to(device, dtype)
+    objective = method.objective(model, train_x, cfg, data)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
     start_epoch, best_val, best_epoch, skipped = 0, -math.inf, -1, 0
@@ -321,7 +211,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             model.eval()
             with torch.no_grad():
-                val = method.validation_log_likelihood(model, val_x, train_x, setting)
+                val = method.validation_log_likelihood(model, val_x, train_x, cfg)
             record["val_log_lik"] = val
             finite = _finite(model.state_dict())
             if val > best_val and finite:
@@ -349,13 +239,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     model.load_state_dict(best_state)
     model = model.cpu().eval()  # finalizing and evaluating are cheap, and exact, on the CPU
     t1 = time.perf_counter()
-    final, info = method.finalize(model, train_x.cpu(), setting)
+    final, info = method.finalize(model, train_x.cpu(), cfg)
     prior_seconds = time.perf_counter() - t1
     metrics: dict[str, Any] = {
         "method": cfg.method,
         "data": cfg.data,
-        "samples": cfg.samples,
-        "k": cfg.mapa_k if cfg.method == "mapa" else None,
+        **method.metrics(cfg),
         "epochs": cfg.epochs,
         "best_epoch": best_epoch,
         "best_val_selection_score": best_val,
@@ -366,7 +255,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         "passes_per_point_per_step": objective.passes.per_point(),
         **info,
     }
-    metrics.update(evaluate_final(final, data, cfg.test_grid))
+    metrics.update(evaluate_final(method, final, data, cfg.test_grid))
     trained = model
     if out is not None:  # config.json last: until then an earlier complete run stays readable
         tag = _config_json(cfg)
@@ -379,56 +268,20 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     return TrainResult(cfg, final, trained, data, metrics, history)
 
 
-def evaluate_final(model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
+
+def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
     """Validation / test log-likelihood of the final model, and the test KL when known."""
     t = time.perf_counter()
     out: dict[str, Any] = {
-        "val_log_lik": float(log_likelihood(model, data.val, grid).mean()),
+        "val_log_lik": float(method.log_likelihood(model, data.val, grid).mean()),
     }
     if data.truth is not None:
-        kl = test_kl(data.truth.model, model, data.test, grid)
+        kl = test_kl(data.truth.model, model, data.test, grid,
+                     log_lik_model=method.log_likelihood(model, data.test, grid))
         out.update(test_log_lik=kl.log_lik_model, test_log_lik_truth=kl.log_lik_truth,
                    test_kl=kl.kl, test_kl_stderr=kl.stderr)
     else:
-        out["test_log_lik"] = float(log_likelihood(model, data.test, grid).mean())
+        out["test_log_lik"] = float(method.log_likelihood(model, data.test, grid).mean())
     out["eval_seconds"] = time.perf_counter() - t
     return out
-
-
-@dataclass
-class Run:
-    """A trained run rebuilt from its directory alone."""
-
-    config: TrainConfig
-    model: LatentVariableModel
-    data_dim: int
-
-
-def load_run(run_dir: str | Path, which: str = "model") -> Run:
-    """Rebuild a run's final (``which="model"``) or trained (``"trained"``) model from its folder."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise MapaError(f"{run}: no such run directory")
-    raw = read_json(run / "config.json")
-    try:
-        data_dim, lik_config = int(raw.pop("data_dim")), raw.pop("likelihood_config")
-    except KeyError:
-        raise MapaError(f"{run / 'config.json'}: not a mapa-vae run config") from None
-    cfg = TrainConfig.from_dict(raw)
-    method = METHODS[cfg.method]
-    arch = _architecture(cfg, data_dim)
-    likelihood = make_likelihood(lik_config)
-    saved = load_tensors(run / f"{which}.pt")
-    if "config" in saved and saved["config"] != _config_json(cfg):
-        raise MapaError(f"{run / f'{which}.pt'} was written by another run than {run / 'config.json'} "
-                        "(an interrupted or concurrent run?); train again or --resume")
-    if "model" not in saved:
-        raise MapaError(f"{run / f'{which}.pt'}: not a mapa-vae model file")
-    state = saved["model"]
-    if which == "model":
-        model = method.build_final(arch, likelihood, cfg.setting())
-    else:
-        model = method.build(arch, likelihood)
-    model.load_state_dict(state)
-    return Run(cfg, model.eval(), data_dim)
 

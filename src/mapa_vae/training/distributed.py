@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .storage import MapaError
+from ..config import DEVICES
+from ..errors import MapaError
 
-__all__ = ["DEVICES", "Parallel", "init_parallel", "resolve_device"]
+__all__ = ["Parallel", "init_parallel", "resolve_device"]
 
-DEVICES = ("cpu", "cuda", "auto")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -31,10 +31,11 @@ from torch.distributions import (
     TransformedDistribution,
 )
 
-from .models import CodeEncoder, LatentVariableModel, Prior
-from .storage import MapaError
+from ..errors import MapaError
+from ..registry import CODE_PRIORS
+from .latent import CodeEncoder, LatentVariableModel, Prior
 
-__all__ = ["CODE_PRIORS", "CodePrior", "FlowPrior", "MixturePrior", "build_code_prior", "fit_code_prior"]
+__all__ = ["CodePrior", "FlowPrior", "MixturePrior", "build_code_prior", "fit_code_prior"]
 
 
 class CodePrior(Prior, ABC):
@@ -181,7 +182,8 @@ class FlowPrior(CodePrior):
         return step
 
 
-CODE_PRIORS: dict[str, type[CodePrior]] = {MixturePrior.kind: MixturePrior, FlowPrior.kind: FlowPrior}
+CODE_PRIORS.register(MixturePrior.kind, MixturePrior)
+CODE_PRIORS.register(FlowPrior.kind, FlowPrior)
 
 
 def build_code_prior(kind: str, latent_dim: int, **config: Any) -> CodePrior:
@@ -191,10 +193,9 @@ def build_code_prior(kind: str, latent_dim: int, **config: Any) -> CodePrior:
     >>> prior().event_shape, prior().log_prob(torch.zeros(5, 2)).shape
     (torch.Size([2]), torch.Size([5]))
     """
-    if kind not in CODE_PRIORS:
-        raise MapaError(f"unknown code prior {kind!r}; choose from {', '.join(CODE_PRIORS)}")
+    prior_class = CODE_PRIORS[kind]
     try:
-        return CODE_PRIORS[kind](latent_dim, **config)
+        return prior_class(latent_dim, **config)
     except TypeError as e:
         raise MapaError(f"bad {kind} prior config {config}: {e}") from None
 

@@ -21,18 +21,21 @@ from typing import Any
 
 import torch
 
-from .data import Dataset, make_ground_truth_data
-from .experiments import plot_samples
+from ..config import TrainConfig
+from ..data.dataset import Dataset, make_ground_truth_data
+from ..inference.exact import compute_posterior, ground_truth_posterior
+from ..inference.objectives import IWAE, MAPA
+from ..inference.posterior import MapaPosterior, uniform_posterior
+from ..kernels import GaussianKernel
+from ..methods.base import Architecture
+from ..models.likelihoods import GaussianLikelihood
+from ..registry import METHODS
+from ..storage import write_json
+from ..training.runs import load_run
 from .figures import PosteriorPanel, plot_kl_vs_samples, plot_passes, plot_posteriors
-from .kernels import GaussianKernel
-from .methods import METHODS, Architecture
-from .models import GaussianLikelihood
-from .objectives import IWAE, MAPA
-from .posterior import MapaPosterior, compute_posterior, ground_truth_posterior, uniform_posterior
 from .report import Report
-from .storage import write_json
+from .samples_plot import plot_samples
 from .sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
-from .training import load_run
 
 __all__ = ["measure_passes", "posterior_kl", "reproduce", "select_best", "summarize"]
 
@@ -88,8 +91,9 @@ def measure_passes(data: Dataset, samples: tuple[int, ...] = PASS_GRID, batch: i
         k = max(1, round(0.1 * s))
         if k + s > n - 1:
             continue
-        objectives = {"mapa": (METHODS["mapa"].build(arch, lik), MAPA(post, x, k, s, generator=g)),
-                      "iwae": (METHODS["iwae"].build(arch, lik), IWAE(s))}
+        cfg = TrainConfig()
+        objectives = {"mapa": (METHODS["mapa"].build(arch, lik, cfg), MAPA(post, x, k, s, generator=g)),
+                      "iwae": (METHODS["iwae"].build(arch, lik, cfg), IWAE(s))}
         for name, (model, obj) in objectives.items():
             for _ in range(steps):
                 index = torch.randperm(n, generator=g)[:batch]

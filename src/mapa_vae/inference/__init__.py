@@ -1,0 +1,69 @@
+"""Inference: MAPA's kernels and index posterior (exact, approximate, cached) and the
+objectives, one class per bound or estimator.
+"""
+
+from __future__ import annotations
+
+from .cache import (
+    cached_posterior,
+)
+from .engines import (
+    AUTO_EXACT_FLOPS,
+    AUTO_EXACT_POINTS,
+    build_posterior,
+    cache_params,
+    concat_rows,
+    resolve_engine,
+)
+from .exact import (
+    blocked_top_k,
+    compute_posterior,
+    ground_truth_posterior,
+)
+from .neighbours import (
+    IndexParams,
+    NeighbourIndex,
+)
+from .objectives import (
+    ELBO,
+    IWAE,
+    MAPA,
+    Autoencoder,
+    Bound,
+    EmpiricalLogLikelihood,
+    Objective,
+    PassCounter,
+)
+from .posterior import (
+    MapaPosterior,
+    default_top_k,
+    resolve_top_k,
+    uniform_posterior,
+)
+
+__all__ = [
+    "AUTO_EXACT_FLOPS",
+    "AUTO_EXACT_POINTS",
+    "ELBO",
+    "IWAE",
+    "MAPA",
+    "Autoencoder",
+    "Bound",
+    "EmpiricalLogLikelihood",
+    "IndexParams",
+    "MapaPosterior",
+    "NeighbourIndex",
+    "Objective",
+    "PassCounter",
+    "blocked_top_k",
+    "build_posterior",
+    "cache_params",
+    "cached_posterior",
+    "compute_posterior",
+    "concat_rows",
+    "default_top_k",
+    "ground_truth_posterior",
+    "resolve_engine",
+    "resolve_top_k",
+    "uniform_posterior",
+]

@@ -1,0 +1,111 @@
+"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, SPEC §2–3).
+
+``q(i | n) = k(x_n | x_i) / Σ_j k(x_n | x_j)`` depends only on the data and the kernel, so it
+is computed once, in row blocks, and kept as a sparse table: for every point ``n`` the ``K``
+largest ``log q(i | n)`` with their indices, and the log of the mass left outside them. Memory
+is ``O(block·N + N·K)``; no ``N × N`` matrix exists unless ``K = N`` was asked for.
+
+The MAPA bound needs, per point, the top-``k`` indices ``B_n(k)`` (``k ≤ K``) and samples from
+the tail ``q̃_k(· | n)`` (``q`` with ``B_n(k)`` removed, renormalized). The tail proposal is
+``q`` itself on the stored entries past ``k`` and spreads the exact leftover mass uniformly over
+the ``N - K`` indices that were not stored, so it has full support and the bound stays a bound.
+
+The point itself is always stored first (``B_n(1) = {n}``), so ``k = 1, S = 0`` is the
+autoencoder term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch import Tensor
+
+from ..kernels import Kernel
+from ..storage import array_digest, atomic_write
+from .engines import build_posterior, cache_params
+from .exact import compute_posterior
+from .posterior import CACHE_FORMAT, MapaPosterior, resolve_top_k
+
+__all__ = ["cached_posterior"]
+
+
+def _cache_key(
+    data: Tensor, kernel: Kernel, top_k: int, dtype: torch.dtype, engine: dict[str, Any] | None = None
+) -> str:
+    """``engine``: what a non-exact engine adds (its name and index settings); none for exact."""
+    extra = {"format": CACHE_FORMAT, "top_k": top_k, "dtype": str(dtype), **kernel.params(), **(engine or {})}
+    return array_digest(data, extra=extra)
+
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    return array_digest(*(arrays[name] for name in sorted(arrays)))
+
+
+
+def cached_posterior(
+    data: Tensor,
+    kernel: Kernel,
+    cache_dir: str | Path,
+    top_k: int | None = None,
+    block_size: int = 1024,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float64,
+    engine: str = "exact",
+    **index_params: Any,
+) -> tuple[MapaPosterior, bool]:
+    """Load the posterior of ``data`` from ``cache_dir`` or compute and store it.
+
+    The file name hashes the data's bytes, shape and dtype, the kernel and its parameters,
+    ``K``, the precision and the cache format, and for ``engine="faiss"`` the engine and its
+    resolved index settings (:func:`~mapa_vae.inference.engines.build_posterior`; ``"auto"`` is keyed as
+    the engine it picks, so an exact pick shares the exact cache). The file stores a digest of
+    its own arrays; a truncated, corrupt or mismatching file is rebuilt. A file lock makes
+    concurrent builders of the same cache compute it once. Returns the posterior and whether it
+    came from the cache.
+    """
+    n = data.shape[0]
+    k_keep = resolve_top_k(n, top_k)
+    engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, **index_params)
+    key = _cache_key(data, kernel, k_keep, dtype, engine_key)
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"posterior-{key[:32]}.npz"
+    with FileLock(str(path) + ".lock"):
+        loaded = _load_cache(path, key)
+        if loaded is not None:
+            return loaded, True
+        if engine_key:
+            post = build_posterior(data, kernel, k_keep, "faiss", device, None, dtype, **index_params)
+        else:
+            post = compute_posterior(data, kernel, k_keep, block_size, device, dtype)
+        arrays = {
+            "log_q": post.log_q.numpy(),
+            "index": post.index.numpy(),
+            "log_rest": post.log_rest.numpy(),
+        }
+        meta = np.frombuffer((key + ":" + _arrays_digest(arrays)).encode(), dtype=np.uint8)
+        with atomic_write(path) as f:
+            np.savez(f, meta=meta, **arrays)  # type: ignore[arg-type]
+    return post, False
+
+
+
+def _load_cache(path: Path, key: str) -> MapaPosterior | None:
+    """The cached posterior if the file exists, reads cleanly and its digests match, else None."""
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as fh, np.load(fh, allow_pickle=False) as f:
+            arrays = {name: f[name] for name in ("log_q", "index", "log_rest")}
+            stored_key, _, stored_digest = bytes(f["meta"]).decode().partition(":")
+    except Exception:  # truncated zip, bad CRC, missing member: rebuild
+        return None
+    if stored_key != key or stored_digest != _arrays_digest(arrays):
+        return None
+    return MapaPosterior(*(torch.from_numpy(arrays[k]) for k in ("log_q", "index", "log_rest")))
+

@@ -1,0 +1,156 @@
+"""The MAPA posterior at scale: exact blocks or an approximate neighbour index (SPEC §3, §8).
+
+Both kernels are affine in one inner product, ``log k(x_n | x_i) = s ⟨x_n, w_i⟩ + c_i + r_n``
+(:class:`SearchForm`), which gives two ways to build the top-``K`` table ``q(i | n)``:
+
+- **exact** (:func:`mapa_vae.posterior.compute_posterior`): one ``addmm`` per block of rows,
+  ``O(N² D)`` flops at matmul speed on ``device`` and ``O(block · N + N · K)`` memory;
+- **faiss** (:class:`NeighbourIndex`): the ``K`` best atoms of each point from an approximate
+  nearest-neighbour index, ``O(N · K)`` memory and sub-quadratic time, with the normalizer
+  ``Σ_j k(x_n | x_j)`` estimated from the next neighbours the search returns and a uniform
+  sample of the others (below).
+
+:func:`build_posterior` picks between them (``engine="auto"``, rule in :func:`resolve_engine`).
+
+The approximate table is a valid MAPA proposal: SPEC §3 (paper Eq. 10) is a lower bound on
+the empiricalized log-likelihood in expectation for **any** fixed proposal with full support on
+the tail. Missed neighbours, an estimated normalizer and the uniform tail change how *tight*
+the bound is, never whether it is a bound. Full support needs a finite ``log_rest``, which the
+floor below guarantees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import MapaError
+from ..kernels import Kernel
+from ..registry import ENGINES
+from .exact import compute_posterior
+from .neighbours import IndexParams, NeighbourIndex
+from .posterior import MapaPosterior
+
+__all__ = [
+    "AUTO_EXACT_FLOPS",
+    "AUTO_EXACT_POINTS",
+    "build_posterior",
+    "cache_params",
+    "concat_rows",
+    "resolve_engine",
+]
+
+
+AUTO_EXACT_POINTS = 20_000  # engine="auto": exact up to this many points, whatever the cost
+
+
+
+# ... and above it while the 2 N² D flops of the exact table stay under (seconds at matmul speed):
+AUTO_EXACT_FLOPS = {"cpu": 4e12, "cuda": 1e16}  # ~0.5-1 min on a 2-core AVX-512 CPU; ~3 min on a GPU
+
+
+
+def resolve_engine(n: int, d: int, device: torch.device | str = "cpu") -> str:
+    """``engine="auto"``: ``"exact"`` for ``N ≤ AUTO_EXACT_POINTS`` or while ``2 N² D`` flops fit
+    ``AUTO_EXACT_FLOPS`` of the device type (exact on a GPU up to ~10⁶ points of 784-d),
+    ``"faiss"`` above.
+
+    >>> resolve_engine(20_000, 784), resolve_engine(1_000_000, 64), resolve_engine(1_000_000, 64, "cuda")
+    ('exact', 'faiss', 'exact')
+    """
+    budget = AUTO_EXACT_FLOPS.get(torch.device(device).type, AUTO_EXACT_FLOPS["cpu"])
+    return "exact" if n <= AUTO_EXACT_POINTS or 2.0 * n * n * d <= budget else "faiss"
+
+
+
+def build_posterior(
+    data: Tensor,
+    kernel: Kernel,
+    top_k: int | None = None,
+    engine: str = "auto",
+    device: torch.device | str = "cpu",
+    block_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    rows: tuple[int, int] | None = None,
+    **index_params: Any,
+) -> MapaPosterior:
+    """The top-``K`` MAPA posterior of ``data`` ``(N, D)`` by ``engine``: ``"exact"``
+    (:func:`~mapa_vae.inference.exact.compute_posterior`), ``"faiss"`` (:class:`NeighbourIndex`,
+    settings ``index_params`` of :class:`IndexParams`) or ``"auto"`` (:func:`resolve_engine`).
+
+    ``block_size`` defaults to 1024 rows (exact) or 16 384 queries (faiss); ``rows`` computes one
+    shard, see :func:`concat_rows`.
+
+    >>> x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    >>> from mapa_vae.kernels import GaussianKernel
+    >>> post = build_posterior(x, GaussianKernel(1.0), top_k=16, engine="faiss", index="hnsw")
+    >>> post.index[:3, 0].tolist(), post.log_q.shape
+    ([0, 1, 2], torch.Size([300, 16]))
+    """
+    picked = _pick(data.shape[0], data[0].numel(), engine, device, index_params)
+    return ENGINES[picked](data, kernel, top_k, device, block_size, dtype, rows, **index_params)
+
+
+@ENGINES.register("exact")
+def exact_engine(data: Tensor, kernel: Kernel, top_k: int | None, device: torch.device | str,
+                 block_size: int | None, dtype: torch.dtype, rows: tuple[int, int] | None,
+                 **index_params: Any) -> MapaPosterior:
+    """The exact blocked table, one matmul per block of rows (:func:`compute_posterior`)."""
+    return compute_posterior(data, kernel, top_k, block_size or 1024, device, dtype, rows=rows)
+
+
+@ENGINES.register("faiss")
+def faiss_engine(data: Tensor, kernel: Kernel, top_k: int | None, device: torch.device | str,
+                 block_size: int | None, dtype: torch.dtype, rows: tuple[int, int] | None,
+                 **index_params: Any) -> MapaPosterior:
+    """An approximate top-``K`` table from a faiss index (:class:`NeighbourIndex`)."""
+    nn = NeighbourIndex(data, kernel, top_k, _index_params(index_params), device)
+    return nn.posterior(rows, block_size or 16_384, dtype)
+
+
+@ENGINES.register("auto")
+def auto_engine(data: Tensor, kernel: Kernel, top_k: int | None, device: torch.device | str,
+                block_size: int | None, dtype: torch.dtype, rows: tuple[int, int] | None,
+                **index_params: Any) -> MapaPosterior:
+    """Exact or faiss by ``N``, ``D`` and the device (:func:`resolve_engine`)."""
+    picked = resolve_engine(data.shape[0], data[0].numel(), device)
+    return ENGINES[picked](data, kernel, top_k, device, block_size, dtype, rows, **index_params)
+
+
+
+def _pick(n: int, d: int, engine: str, device: torch.device | str, index_params: dict[str, Any]) -> str:
+    """The engine that runs; index settings are an error for an explicit ``"exact"`` only."""
+    ENGINES[engine]  # an unknown name is a one-line error
+    if engine == "exact" and index_params:
+        raise MapaError(f"the exact engine takes no index settings, got {sorted(index_params)}")
+    return resolve_engine(n, d, device) if engine == "auto" else engine
+
+
+
+def _index_params(index_params: dict[str, Any]) -> IndexParams:
+    try:
+        return IndexParams(**index_params)
+    except TypeError:
+        raise MapaError(f"unknown index settings in {sorted(index_params)}; "
+                        f"known: {sorted(IndexParams.__dataclass_fields__)}") from None
+
+
+
+def cache_params(n: int, d: int, top_k: int, engine: str, device: torch.device | str,
+                 **index_params: Any) -> dict[str, Any]:
+    """What ``engine`` adds to the posterior cache key: nothing for the exact engine (old
+    caches stay valid), else its name and every resolved :class:`IndexParams` field."""
+    if _pick(n, d, engine, device, index_params) == "exact":
+        return {}
+    return {"engine": "faiss", **asdict(_index_params(index_params).resolved(n, top_k))}
+
+
+
+def concat_rows(shards: list[MapaPosterior]) -> MapaPosterior:
+    """Join row shards (in row order) computed with ``rows=`` into the full table."""
+    fields = ("log_q", "index", "log_rest")
+    return MapaPosterior(*(torch.cat([getattr(s, f) for s in shards]) for f in fields))
+

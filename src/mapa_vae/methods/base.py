@@ -1,0 +1,119 @@
+"""Inference methods: what each one trains, how it is validated and how it ends (paper Sec. 5–6).
+
+A :class:`Method` composes the pieces the training loop needs: the model to build, the
+objective to maximize, the validation score used to pick the best epoch, and the step that
+turns the trained networks into the generative model the user gets. Adding a method is one
+subclass and one ``METHODS.register`` line (see the README's "How to add a method"): the loop,
+the command line, ``compare`` and ``reproduce`` read everything else from the method itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..config import TrainConfig
+from ..data.dataset import Dataset
+from ..data.images import IMAGE_DATASETS, image_shape
+from ..errors import MapaError
+from ..evaluation.likelihood import log_likelihood
+from ..inference.objectives import Objective
+from ..models.latent import LatentVariableModel
+from ..models.likelihoods import Likelihood
+from ..models.networks import build_networks
+
+__all__ = ["Architecture", "Method"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What every method's networks share: sizes, widths, activation, and the network kind
+    (``mlp``, or ``conv`` for images of ``image_shape`` ``(C, H, W)``)."""
+
+    data_dim: int
+    latent_dim: int
+    hidden: tuple[int, ...]
+    activation: str
+    network: str = "mlp"
+    image_shape: tuple[int, ...] | None = None
+    channels: tuple[int, ...] = (32, 64)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, data_dim: int) -> Architecture:
+        """The architecture ``cfg`` asks for on data of ``data_dim`` columns."""
+        shape = cfg.image_shape or (image_shape(cfg.data) if cfg.data in IMAGE_DATASETS else None)
+        return cls(data_dim, cfg.latent_dim, cfg.hidden, cfg.activation, cfg.network, shape, cfg.channels)
+
+    def networks(self) -> tuple[Callable[[int], nn.Module], Callable[[], nn.Module]]:
+        """Factories for the encoder network (by output width) and the decoder network."""
+        return build_networks(self.network, self.data_dim, self.latent_dim, self.image_shape,
+                              self.hidden, self.activation, self.channels)
+
+
+class Method(ABC):
+    """One inference method. Class attributes state the facts the rest of the package reads:
+
+    - ``name``: its registry name;
+    - ``uses_samples``: whether ``S`` changes what it trains (the VAE's does not: the sweep runs
+      it once per cell, and its metrics record ``samples: null``);
+    - ``uses_k``: whether it has MAPA's ``k`` (recorded in the metrics);
+    - ``estimators``: the gradient estimators it accepts (``ESTIMATORS`` names), the first being
+      its default; empty when it has none.
+    """
+
+    name: str
+    uses_samples: bool = True
+    uses_k: bool = False
+    estimators: tuple[str, ...] = ()
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse, before any data is loaded or step taken, a config this method cannot run."""
+        if cfg.estimator != "naive" and cfg.estimator not in self.estimators:
+            allowed = ", ".join(self.estimators) or "none"
+            raise MapaError(f"--estimator {cfg.estimator}: method {self.name} takes {allowed}")
+
+    def estimator(self, cfg: TrainConfig) -> str:
+        """The estimator this run uses: ``cfg.estimator`` if this method has it, else its default."""
+        if cfg.estimator in self.estimators:
+            return cfg.estimator
+        return self.estimators[0] if self.estimators else cfg.estimator
+
+    @abstractmethod
+    def build(self, arch: Architecture, likelihood: Likelihood, cfg: TrainConfig) -> LatentVariableModel:
+        """The untrained model this method optimizes."""
+
+    @abstractmethod
+    def objective(self, model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                  data: Dataset | None = None) -> Objective:
+        """The bound maximized during training (``data``: the splits, for ground-truth extras)."""
+
+    @abstractmethod
+    def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
+                                  cfg: TrainConfig) -> float:
+        """Mean validation log-likelihood used to select the best epoch."""
+
+    def finalize(self, model: LatentVariableModel, train: Tensor,
+                 cfg: TrainConfig) -> tuple[LatentVariableModel, dict[str, Any]]:
+        """The generative model to evaluate and sample (default: the trained one)."""
+        return model, {}
+
+    def build_final(self, arch: Architecture, likelihood: Likelihood,
+                    cfg: TrainConfig) -> LatentVariableModel:
+        """An empty model with the architecture :meth:`finalize` returns (for loading)."""
+        return self.build(arch, likelihood, cfg)
+
+    def log_likelihood(self, model: LatentVariableModel, x: Tensor, grid: int,
+                       samples: int = 1000) -> Tensor:
+        """``log p(x)`` ``(B,)`` of the final model: quadrature for a 1-D latent under N(0, 1),
+        else importance sampling (:func:`~mapa_vae.evaluation.log_likelihood`)."""
+        return log_likelihood(model, x, grid, samples)
+
+    def metrics(self, cfg: TrainConfig) -> dict[str, Any]:
+        """The settings this method actually used, as the run's metrics record them."""
+        return {"samples": cfg.samples if self.uses_samples else None,
+                "k": cfg.mapa_k if self.uses_k else None,
+                "estimator": self.estimator(cfg) if self.estimators else None}

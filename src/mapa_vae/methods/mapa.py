@@ -1,0 +1,111 @@
+"""MAPA: a deterministic encoder trained by the MAPA bound over a fixed index posterior (Eq. 10).
+
+The posterior ``q(i | n)`` is chosen by name from :data:`~mapa_vae.registry.POSTERIORS`: the
+kernel posterior of Eq. 8 (cached on disk), or the paper's ablations, the true posterior of the
+ground-truth empiricalized model (MAPA-GT, Eq. 7) and the uniform one (MAPA-naive). After
+training, a parametric prior is fitted to the codes (App. C.3): the copula prior for ``L = 1``,
+a flow or mixture for ``L > 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+from ..config import TrainConfig
+from ..data.dataset import Dataset
+from ..errors import MapaError
+from ..inference.cache import cached_posterior
+from ..inference.exact import ground_truth_posterior
+from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
+from ..inference.posterior import MapaPosterior, uniform_posterior
+from ..models.code_priors import build_code_prior, fit_code_prior
+from ..models.copula import fit_copula_prior, mapped_model
+from ..models.latent import CodeEncoder, Decoder, LatentVariableModel, StandardNormal
+from ..models.likelihoods import Likelihood
+from ..registry import METHODS, POSTERIORS
+from .base import Architecture, Method
+
+__all__ = ["MapaMethod", "PosteriorFactory"]
+
+PosteriorFactory = Callable[[LatentVariableModel, Tensor, TrainConfig, "Dataset | None"], MapaPosterior]
+"""``(model, train, cfg, data) -> q(i | n)``: how a :data:`POSTERIORS` entry builds its table."""
+
+
+@POSTERIORS.register("kernel")
+def kernel_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                     data: Dataset | None) -> MapaPosterior:
+    """MAPA's own ``q(i | n)`` (Eq. 8): the kernel matched to the likelihood, cached on disk."""
+    kernel = model.decoder.likelihood.kernel()
+    return cached_posterior(train, kernel, cfg.cache_path, cfg.top_k, device=train.device,
+                            engine=cfg.posterior_engine)[0]  # computed where training runs
+
+
+@POSTERIORS.register("uniform")
+def naive_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                    data: Dataset | None) -> MapaPosterior:
+    """MAPA-naive: ``q(i | n) = 1 / N``."""
+    return uniform_posterior(train.shape[0])
+
+
+@POSTERIORS.register("ground-truth")
+def true_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                   data: Dataset | None) -> MapaPosterior:
+    """MAPA-GT (Eq. 7): the posterior of the empiricalized ground-truth model."""
+    if data is None or data.truth is None or data.z_train is None:
+        raise MapaError("--posterior ground-truth (MAPA-GT) needs a built-in curve (ground-truth "
+                        "decoder and codes)")
+    return ground_truth_posterior(data.train, data.z_train, data.truth.decoder)
+
+
+class MapaMethod(Method):
+    """MAPA: a deterministic encoder and the MAPA bound over the index posterior; after
+    training, the copula prior (or a code prior for ``L > 1``) gives the generative model."""
+
+    name = "mapa"
+    uses_k = True
+
+    def build(self, arch: Architecture, likelihood: Likelihood, cfg: TrainConfig) -> LatentVariableModel:
+        encoder_net, decoder_net = arch.networks()
+        enc = CodeEncoder(encoder_net(arch.latent_dim))  # built first
+        return LatentVariableModel(enc, Decoder(decoder_net(), likelihood), StandardNormal(arch.latent_dim))
+
+    def objective(self, model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                  data: Dataset | None = None) -> Objective:
+        posterior = POSTERIORS[cfg.posterior](model, train, cfg, data)
+        posterior.check_budget(cfg.mapa_k, cfg.samples)
+        return MAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples)
+
+    def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
+                                  cfg: TrainConfig) -> float:
+        # The model being trained is the empiricalized one; score it exactly (Eq. 6).
+        return float(EmpiricalLogLikelihood(train)(model, val).value.mean())
+
+    def finalize(self, model: LatentVariableModel, train: Tensor,
+                 cfg: TrainConfig) -> tuple[LatentVariableModel, dict[str, Any]]:
+        if model.latent_dim > 1:
+            return fit_code_prior(model, train, kind=cfg.code_prior, steps=cfg.code_prior_steps,
+                                  seed=cfg.seed, **_code_prior_config(cfg))
+        final, fit = fit_copula_prior(model, train, method=cfg.prior_fit, steps=cfg.prior_steps,
+                                      seed=cfg.seed)
+        return final, {"prior_encoder_mse": fit.encoder_mse, "prior_decoder_kl": fit.decoder_kl}
+
+    def build_final(self, arch: Architecture, likelihood: Likelihood,
+                    cfg: TrainConfig) -> LatentVariableModel:
+        model = self.build(arch, likelihood, cfg)
+        if arch.latent_dim > 1:
+            model.prior = build_code_prior(cfg.code_prior, arch.latent_dim, **_code_prior_config(cfg))
+            return model
+        return mapped_model(model) if cfg.prior_fit == "map" else model
+
+
+METHODS.register("mapa", MapaMethod())
+
+
+def _code_prior_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The chosen code prior's constructor arguments."""
+    if cfg.code_prior == "mixture":
+        return {"components": cfg.prior_components}
+    return {"transforms": cfg.flow_transforms, "hidden": cfg.flow_hidden}

@@ -1,0 +1,67 @@
+"""Models: networks, likelihoods, encoders, decoders and priors; every stochastic piece
+returns a ``torch.distributions.Distribution``.
+"""
+
+from __future__ import annotations
+
+from .code_priors import (
+    CodePrior,
+    FlowPrior,
+    MixturePrior,
+    build_code_prior,
+    fit_code_prior,
+)
+from .copula import (
+    CopulaFit,
+    MonotoneMap,
+    copula_codes,
+    fit_copula_prior,
+    mapped_model,
+)
+from .latent import (
+    CodeEncoder,
+    Decoder,
+    GaussianEncoder,
+    LatentVariableModel,
+    Prior,
+    StandardNormal,
+)
+from .likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    make_likelihood,
+)
+from .networks import (
+    ConvDecoderNet,
+    ConvEncoderNet,
+    build_networks,
+)
+
+__all__ = [
+    "BernoulliLikelihood",
+    "CodeEncoder",
+    "CodePrior",
+    "ContinuousBernoulliLikelihood",
+    "ConvDecoderNet",
+    "ConvEncoderNet",
+    "CopulaFit",
+    "Decoder",
+    "FlowPrior",
+    "GaussianEncoder",
+    "GaussianLikelihood",
+    "LatentVariableModel",
+    "Likelihood",
+    "MixturePrior",
+    "MonotoneMap",
+    "Prior",
+    "StandardNormal",
+    "build_code_prior",
+    "build_networks",
+    "copula_codes",
+    "fit_code_prior",
+    "fit_copula_prior",
+    "make_likelihood",
+    "mapped_model",
+]

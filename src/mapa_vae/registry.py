@@ -1,0 +1,119 @@
+"""Registries: one named table per kind of interchangeable part.
+
+Every choice a user can make by name (a method, a likelihood, an estimator, a posterior, a code
+prior, a posterior engine, …) is an entry in one :class:`Registry`. The training config names
+the registry each of its choice fields comes from, so the command-line flags, their ``--help``,
+the config validation, the reproduction's variant table and the parametrized tests all read the
+same table: adding a part is one class plus one ``register`` call, and it appears everywhere.
+
+The registries live here, below every other module, so that any module can fill one without
+importing the modules that read it; importing :mod:`mapa_vae` fills them all.
+
+>>> COLORS = Registry("colour")
+>>> @COLORS.register("red")
+... def red() -> str:
+...     return "#f00"
+>>> COLORS["red"](), list(COLORS)
+('#f00', ['red'])
+>>> COLORS["blue"]
+Traceback (most recent call last):
+...
+mapa_vae.errors.MapaError: unknown colour 'blue'; choose from red
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+
+from .errors import MapaError
+
+__all__ = [
+    "ACTIVATIONS",
+    "CODE_PRIORS",
+    "ENGINES",
+    "ESTIMATORS",
+    "LIKELIHOODS",
+    "METHODS",
+    "NETWORKS",
+    "POSTERIORS",
+    "PRIOR_FITS",
+    "Registry",
+]
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Named entries of one kind, in registration order; unknown names are one-line errors."""
+
+    def __init__(self, kind: str, description: str = "") -> None:
+        self.kind = kind
+        self.description = description
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str, entry: T | None = None) -> Any:
+        """``register(name, entry)``, or ``@register(name)`` above a class or function.
+
+        Registering a name twice is an error unless it is the same entry (a module imported
+        again); :meth:`unregister` first to replace one.
+        """
+        if entry is None:
+            def decorator(obj: T) -> T:
+                self.register(name, obj)
+                return obj
+
+            return decorator
+        old = self._entries.get(name)
+        if old is not None and old is not entry:
+            raise MapaError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (tests register toy entries and remove them again)."""
+        return self._entries.pop(name)
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise MapaError(f"unknown {self.kind} {name!r}; choose from {', '.join(self)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self)})"
+
+
+# Filled by the modules named beside each; values are typed there (importing the types here
+# would make this module depend on the ones that fill it).
+METHODS: Registry[Any] = Registry("method", "inference methods (mapa_vae.methods)")
+LIKELIHOODS: Registry[Any] = Registry("likelihood", "observation models (mapa_vae.models.likelihoods)")
+ACTIVATIONS: Registry[Any] = Registry("activation", "network nonlinearities (mapa_vae.models.networks)")
+NETWORKS: Registry[Any] = Registry("network", "encoder/decoder families (mapa_vae.models.networks)")
+ESTIMATORS: Registry[Any] = Registry("estimator", "gradient estimators (mapa_vae.inference.objectives)")
+POSTERIORS: Registry[Any] = Registry("posterior", "MAPA's q(i|n) (mapa_vae.methods.mapa)")
+ENGINES: Registry[Any] = Registry("posterior engine", "top-K table builders (mapa_vae.inference.engines)")
+PRIOR_FITS: Registry[Any] = Registry("prior fit", "MAPA's 1-D copula prior (mapa_vae.models.copula)")
+CODE_PRIORS: Registry[Any] = Registry("code prior", "MAPA's priors for L > 1 (mapa_vae.models.code_priors)")
+
+
+def choices(registry: Registry[Any] | tuple[str, ...]) -> tuple[str, ...]:
+    """The names a choice field accepts, from a registry or a fixed tuple."""
+    return registry.names() if isinstance(registry, Registry) else tuple(registry)
+
+
