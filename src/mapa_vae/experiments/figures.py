@@ -22,6 +22,7 @@ from torch import Tensor
 from ..inference.posterior import MapaPosterior
 from ..models.latent import Decoder
 from ..storage import atomic_write
+from .sweep import variant
 
 __all__ = ["PosteriorPanel", "plot_kl_vs_samples", "plot_passes", "plot_posteriors"]
 
@@ -65,13 +66,13 @@ def plot_kl_vs_samples(summary: Mapping[tuple[str, str, int], Mapping[str, float
     variants = list(dict.fromkeys(v for _, v, _ in summary))
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.6 * len(datasets), 3.4), squeeze=False,
                              constrained_layout=True)
-    grid = sorted({s for _, v, s in summary if v != "vae"}) or [1]
+    grid = sorted({s for _, v, s in summary if variant(v).uses_samples}) or [1]
     for ax, data in zip(axes[0], datasets, strict=True):
         for v in variants:
             pts = sorted((s, r) for (d, vv, s), r in summary.items() if d == data and vv == v)
             if not pts:
                 continue
-            if v == "vae":  # S-independent: a band across the grid
+            if not variant(v).uses_samples:  # S-independent: a band across the grid
                 r = pts[0][1]
                 ax.axhline(r["mean"], color=COLORS.get(v), label=v, ls="--")
                 ax.axhspan(r["mean"] - r["std"], r["mean"] + r["std"], color=COLORS.get(v), alpha=0.15)

@@ -35,7 +35,7 @@ from ..training.runs import load_run
 from .figures import PosteriorPanel, plot_kl_vs_samples, plot_passes, plot_posteriors
 from .report import Report
 from .samples_plot import plot_samples
-from .sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
+from .sweep import PROFILES, Job, Profile, make_jobs, run_jobs, variant
 
 __all__ = ["measure_passes", "posterior_kl", "reproduce", "select_best", "summarize"]
 
@@ -62,8 +62,8 @@ Summary = dict[tuple[str, str, int], dict[str, float]]  # (data, variant, S) -> 
 def summarize(best: dict[Cell, dict[str, Any]]) -> Summary:
     """Test KL mean and spread over draws per (data, variant, S)."""
     groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for (data, _, variant, s), r in best.items():
-        groups[(data, variant, s)].append(r["metrics"]["test_kl"])
+    for (data, _, label, s), r in best.items():
+        groups[(data, label, s)].append(r["metrics"]["test_kl"])
     return {
         key: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
               "n": len(v)}
@@ -122,7 +122,7 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     fig_dir = out / "figures"
     jobs = make_jobs(prof)
     top_s = max(prof.samples)
-    keep = [j for j in jobs if j.draw == 0 and (j.samples == top_s or j.variant == "vae")]
+    keep = [j for j in jobs if j.draw == 0 and (j.samples == top_s or not variant(j.variant).uses_samples)]
     records = run_jobs(jobs, out, n_jobs, backend, address, cache_dir, keep, progress)
     failed = [r for r in records if r["status"] != "done"]
     write_json(out / "failed.json", [{"job": r["job"], "error": r["error"]} for r in failed])
@@ -159,11 +159,11 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     for d, ds in datasets.items():
         models = {}
         for v in variants:
-            r = best.get((d, 0, v, 1 if v == "vae" else top_s))
+            r = best.get((d, 0, v, top_s if variant(v).uses_samples else 1))
             if r is not None and (out / "models" / r["key"] / "model.pt").exists():
                 models[v] = load_run(out / "models" / r["key"]).model
         if models:
-            chosen = {v: best[(d, 0, v, 1 if v == "vae" else top_s)]["metrics"] for v in models}
+            chosen = {v: best[(d, 0, v, top_s if variant(v).uses_samples else 1)]["metrics"] for v in models}
             path = plot_samples(ds.test, models, fig_dir / f"samples_{d}.png",
                                 title=f"{d}: data vs samples", metrics=chosen)
             figs.append((path, f"{d}: test data vs samples of each method (draw 0, S = {top_s})"))
@@ -186,7 +186,7 @@ def _kl_table(rep: Report, summary, prof: Profile, variants: list[str]) -> None:
     rows = []
     for d in prof.datasets:
         for v in variants:
-            if VARIANTS[v].uses_samples:
+            if variant(v).uses_samples:
                 rows.append([d, v] + [_fmt(summary.get((d, v, s))) for s in prof.samples])
             else:
                 rows.append([d, v] + [_fmt(summary.get((d, v, 1)))] * len(prof.samples))

@@ -26,10 +26,21 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.groundtruth import GROUND_TRUTHS
 from ..errors import MapaError
+from ..registry import METHODS, Registry
 from ..storage import read_json, write_json
 from ..training.loop import train
 
-__all__ = ["BACKENDS", "PROFILES", "VARIANTS", "Job", "Profile", "Variant", "make_jobs", "run_jobs"]
+__all__ = [
+    "BACKENDS",
+    "PROFILES",
+    "VARIANTS",
+    "Job",
+    "Profile",
+    "Variant",
+    "make_jobs",
+    "run_jobs",
+    "variant",
+]
 
 BACKENDS = ("loky", "ray", "dask")
 
@@ -43,21 +54,33 @@ class Variant:
     k_fraction: float | None = None  # MAPA: k as a fraction of S
     posterior: str = "kernel"
     estimator: str = "naive"
-    uses_samples: bool = True  # the VAE ignores S: it runs once per (data, draw, restart)
+
+    @property
+    def uses_samples(self) -> bool:
+        """False for a method that ignores S (the VAE): it runs once per (data, draw, restart)."""
+        return bool(METHODS[self.method].uses_samples)
 
 
-VARIANTS: dict[str, Variant] = {
-    v.label: v
-    for v in (
-        Variant("vae", "vae", uses_samples=False),
-        Variant("iwae", "iwae"),
-        Variant("iwae-dreg", "iwae", estimator="dreg"),
-        Variant("mapa-k10", "mapa", k_fraction=0.1),
-        Variant("mapa-k90", "mapa", k_fraction=0.9),
-        Variant("mapa-gt", "mapa", k_fraction=0.1, posterior="ground-truth"),
-        Variant("mapa-naive", "mapa", k_fraction=0.1, posterior="uniform"),
-    )
-}
+VARIANTS: Registry[Variant] = Registry("variant")
+"""The paper's named variants; any registered method is also a variant under its own name."""
+for _v in (
+    Variant("vae", "vae"),
+    Variant("iwae", "iwae"),
+    Variant("iwae-dreg", "iwae", estimator="dreg"),
+    Variant("mapa-k10", "mapa", k_fraction=0.1),
+    Variant("mapa-k90", "mapa", k_fraction=0.9),
+    Variant("mapa-gt", "mapa", k_fraction=0.1, posterior="ground-truth"),
+    Variant("mapa-naive", "mapa", k_fraction=0.1, posterior="uniform"),
+):
+    VARIANTS.register(_v.label, _v)
+
+
+def variant(label: str) -> Variant:
+    """The variant ``label``: a named one, else the registered method of that name as it is."""
+    if label in VARIANTS:
+        return VARIANTS[label]
+    METHODS[label]  # an unknown name is a one-line error
+    return Variant(label, label)
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,7 @@ class Job:
     train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides, as sorted pairs
 
     def config(self, cache_dir: str | None = None) -> TrainConfig:
-        v = VARIANTS[self.variant]
+        v = variant(self.variant)
         k = max(1, round(v.k_fraction * self.samples)) if v.k_fraction is not None else None
         return TrainConfig(
             data=self.data, method=v.method, samples=self.samples, k=k, seed=self.restart,
@@ -132,7 +155,7 @@ def make_jobs(profile: Profile) -> list[Job]:
     for data in profile.datasets:
         for draw in range(profile.draws):
             for label in profile.variants:
-                grid = profile.samples if VARIANTS[label].uses_samples else (1,)
+                grid = profile.samples if variant(label).uses_samples else (1,)
                 for s in grid:
                     for r in range(profile.restarts):
                         jobs.append(Job(data, draw, label, s, r, overrides))
