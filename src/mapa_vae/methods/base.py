@@ -62,13 +62,19 @@ class Method(ABC):
       it once per cell, and its metrics record ``samples: null``);
     - ``uses_k``: whether it has MAPA's ``k`` (recorded in the metrics);
     - ``estimators``: the gradient estimators it accepts (``ESTIMATORS`` names), the first being
-      its default; empty when it has none.
+      its default; empty when it has none;
+    - ``likelihoods``: the observation models it can train (``LIKELIHOODS`` names); empty = all.
     """
 
     name: str
     uses_samples: bool = True
     uses_k: bool = False
     estimators: tuple[str, ...] = ()
+    likelihoods: tuple[str, ...] = ()
+
+    def accepts(self, likelihood: str) -> bool:
+        """Whether this method trains models with observation model ``likelihood``."""
+        return not self.likelihoods or likelihood in self.likelihoods
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse, before any data is loaded or step taken, a config this method cannot run."""
