@@ -21,6 +21,7 @@ from .evaluation.likelihood import (
     test_kl,
 )
 from .evaluation.mixture import mixture_proposal_log_likelihood
+from .evaluation.sbn import exact_log_likelihood, sbn_log_likelihood
 from .experiments.compare import compare
 from .experiments.reproduce import reproduce
 from .inference.cache import cached_posterior
@@ -29,6 +30,7 @@ from .inference.exact import compute_posterior, ground_truth_posterior
 from .inference.neighbours import IndexParams, NeighbourIndex
 from .inference.objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
 from .inference.posterior import MapaPosterior, uniform_posterior
+from .inference.score_function import NVIL, VIMCO, Reinforce
 from .kernels import BernoulliKernel, GaussianKernel, Kernel
 from .methods.base import Method
 from .models.code_priors import CodePrior, FlowPrior, MixturePrior, build_code_prior, fit_code_prior
@@ -41,6 +43,7 @@ from .models.likelihoods import (
     Likelihood,
 )
 from .models.networks import MLP, ConvDecoderNet, ConvEncoderNet, build_networks
+from .models.sbn import SBN
 from .registry import METHODS
 from .training.loop import TrainResult, train
 from .training.runs import Run, load_run
@@ -55,6 +58,9 @@ __all__ = [
     "MAPA",
     "METHODS",
     "MLP",
+    "NVIL",
+    "SBN",
+    "VIMCO",
     "Autoencoder",
     "BernoulliKernel",
     "BernoulliLikelihood",
@@ -84,6 +90,7 @@ __all__ = [
     "NeighbourIndex",
     "Objective",
     "Prior",
+    "Reinforce",
     "Run",
     "StandardNormal",
     "TrainConfig",
@@ -98,6 +105,7 @@ __all__ = [
     "concat_rows",
     "copula_codes",
     "digits",
+    "exact_log_likelihood",
     "fit_code_prior",
     "fit_copula_prior",
     "ground_truth",
@@ -114,6 +122,7 @@ __all__ = [
     "mnist1d",
     "quadrature_log_likelihood",
     "reproduce",
+    "sbn_log_likelihood",
     "sprites",
     "test_kl",
     "train",

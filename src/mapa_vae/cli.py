@@ -111,10 +111,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     x = torch.from_numpy(load_array(args.data, expected_dim=run.data_dim))
     model.decoder.likelihood.check_data(x, args.data)
     torch.manual_seed(args.seed)
-    lp = METHODS[run.config.method].log_likelihood(model, x, args.grid, args.samples)
+    lp, how = METHODS[run.config.method].evaluate(model, x, args.grid, args.samples)
     if args.per_point:
         _save_npy(args.per_point, lp.numpy())
-    how = "quadrature" if model.latent_dim == 1 else f"importance sampling, S={args.samples}"
     print(f"mean test log-likelihood: {float(lp.mean()):.4f} nats over {x.shape[0]} points ({how})")
 
 

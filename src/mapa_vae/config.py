@@ -112,6 +112,12 @@ class TrainConfig:
     top_k: int | None = knob(None, "neighbours stored per point in MAPA's table; none = all up to "
                              "2048 points, else 512", low=1)
     estimator: str = knob("naive", "IWAE's encoder gradient estimator", choices=ESTIMATORS)
+    # --- sigmoid belief networks (--method sbn)
+    layers: tuple[int, ...] = knob((200,), "SBN: Bernoulli units per stochastic layer, bottom first, "
+                                   "top last (e.g. 200 200 200)", low=1)
+    sbn_hidden: tuple[int, ...] | None = knob(None, "SBN: widths of a deterministic MLP (--activation) "
+                                              "inside every conditional; none = linear (classic SBN)",
+                                              low=1)
     # --- validation, evaluation
     eval_every: int = knob(10, "epochs between validation scores and checkpoints", low=1)
     val_grid: int = knob(2**12, "quadrature points for validation (1-D latent)", low=2)

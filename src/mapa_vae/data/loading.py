@@ -34,10 +34,14 @@ def load_dataset(
     if source in IMAGE_DATASETS:
         return load_image_dataset(source, n_train, n_val, n_test, seed)
     path = Path(source)
+    if path.suffix.lower() == ".npz" and path.exists():
+        from .mnist import load_binarized_mnist
+
+        return load_binarized_mnist(path)  # its own train / valid / test split
     if path.suffix.lower() not in {".npy", ".csv"} or not path.exists():
         raise MapaError(
             f"{source!r} is neither a built-in data set ({', '.join([*GROUND_TRUTHS, *IMAGE_DATASETS])}) "
-            "nor an existing .npy or .csv file"
+            "nor an existing .npy, .csv or binarized-MNIST .npz file"
         )
     x = torch.from_numpy(load_array(path))
     if x.shape[0] < 10:

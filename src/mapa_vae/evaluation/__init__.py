@@ -17,15 +17,29 @@ from .mixture import (
     ReparameterizedMixture,
     mixture_proposal_log_likelihood,
 )
+from .sbn import (
+    MAX_EXACT_UNITS,
+    SBNLogLikelihood,
+    all_states,
+    exact_bound,
+    exact_log_likelihood,
+    sbn_log_likelihood,
+)
 
 __all__ = [
     "DEFAULT_GRID",
+    "MAX_EXACT_UNITS",
     "KLEstimate",
     "MixtureProposal",
     "ReparameterizedMixture",
+    "SBNLogLikelihood",
+    "all_states",
+    "exact_bound",
+    "exact_log_likelihood",
     "importance_log_likelihood",
     "log_likelihood",
     "mixture_proposal_log_likelihood",
     "quadrature_log_likelihood",
+    "sbn_log_likelihood",
     "test_kl",
 ]

@@ -40,6 +40,13 @@ from .posterior import (
     resolve_top_k,
     uniform_posterior,
 )
+from .score_function import (
+    NVIL,
+    VIMCO,
+    Reinforce,
+    leave_one_out_bounds,
+    score_function_objective,
+)
 
 __all__ = [
     "AUTO_EXACT_FLOPS",
@@ -47,6 +54,8 @@ __all__ = [
     "ELBO",
     "IWAE",
     "MAPA",
+    "NVIL",
+    "VIMCO",
     "Autoencoder",
     "Bound",
     "EmpiricalLogLikelihood",
@@ -55,6 +64,7 @@ __all__ = [
     "NeighbourIndex",
     "Objective",
     "PassCounter",
+    "Reinforce",
     "blocked_top_k",
     "build_posterior",
     "cache_params",
@@ -63,7 +73,9 @@ __all__ = [
     "concat_rows",
     "default_top_k",
     "ground_truth_posterior",
+    "leave_one_out_bounds",
     "resolve_engine",
     "resolve_top_k",
+    "score_function_objective",
     "uniform_posterior",
 ]

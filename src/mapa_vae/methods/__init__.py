@@ -8,6 +8,7 @@ from ..registry import METHODS
 from .base import Architecture, Method
 from .gaussian import GaussianEncoderMethod, IWAEMethod, VAEMethod
 from .mapa import MapaMethod
+from .sbn import SBNMethod
 
 __all__ = ["METHODS", "Architecture", "GaussianEncoderMethod", "IWAEMethod", "MapaMethod", "Method",
-           "VAEMethod"]
+           "SBNMethod", "VAEMethod"]

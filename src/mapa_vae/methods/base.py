@@ -118,6 +118,12 @@ class Method(ABC):
         else importance sampling (:func:`~mapa_vae.evaluation.log_likelihood`)."""
         return log_likelihood(model, x, grid, samples)
 
+    def evaluate(self, model: LatentVariableModel, x: Tensor, grid: int,
+                 samples: int = 1000) -> tuple[Tensor, str]:
+        """:meth:`log_likelihood` ``(B,)`` and how it was computed, as ``mapa-vae evaluate`` says."""
+        how = "quadrature" if model.latent_dim == 1 else f"importance sampling, S={samples}"
+        return self.log_likelihood(model, x, grid, samples), how
+
     def metrics(self, cfg: TrainConfig) -> dict[str, Any]:
         """The settings this method actually used, as the run's metrics record them."""
         return {"samples": cfg.samples if self.uses_samples else None,

@@ -38,9 +38,19 @@ from .networks import (
     ConvEncoderNet,
     build_networks,
 )
+from .sbn import (
+    SBN,
+    BernoulliLayer,
+    BernoulliPrior,
+    NVILBaseline,
+    Trace,
+)
 
 __all__ = [
+    "SBN",
+    "BernoulliLayer",
     "BernoulliLikelihood",
+    "BernoulliPrior",
     "CodeEncoder",
     "CodePrior",
     "ContinuousBernoulliLikelihood",
@@ -55,8 +65,10 @@ __all__ = [
     "Likelihood",
     "MixturePrior",
     "MonotoneMap",
+    "NVILBaseline",
     "Prior",
     "StandardNormal",
+    "Trace",
     "build_code_prior",
     "build_networks",
     "copula_codes",
