@@ -15,11 +15,12 @@ import torch
 import mapa_vae.data.loading
 from mapa_vae.cli import main
 from mapa_vae.data.groundtruth import ground_truth
+from mapa_vae.registry import METHODS as REGISTERED
 
 METHODS = ["mapa", "vae", "iwae"]
 RUN_FILES = ["config.json", "model.pt", "trained.pt", "metrics.json", "history.json", "checkpoint.pt"]
 N_POINTS = 300
-GAUSSIAN_METHODS = [m for m in METHODS if METHODS[m].accepts("gaussian")]  # the file is 2-D points
+GAUSSIAN_METHODS = [m for m in REGISTERED.names() if REGISTERED[m].accepts("gaussian")]  # 2-D points
 
 
 def _train_args(data: Path, out: Path, cache: Path, *extra: str) -> list[str]:

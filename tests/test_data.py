@@ -174,9 +174,9 @@ def _gaussian_rows(n: int) -> np.ndarray:
     return np.random.default_rng(0).normal(size=(n, 2))
 
 
-# What the loader reports for a bad file is what training reports; a file that is missing or of
-# the wrong type is "neither a built-in data set nor a .npy/.csv file" to training.
-_AS_SOURCE = {"txt-extension": ["neither a built-in"], "missing-file": ["neither a built-in"]}
+# What the loader reports for a bad file is what training reports; a missing file is "neither a
+# built-in data set nor a .npy/.csv file" to training, an existing one of another type unsupported.
+_AS_SOURCE = {"txt-extension": ["unsupported file type '.txt'"], "missing-file": ["neither a built-in"]}
 # (id, writer, TrainConfig overrides, fragments, whether the message names the file)
 TRAIN_INPUTS = [
     (i, w, {}, _AS_SOURCE.get(i, f), True) for i, w, d, f in BAD_INPUTS if d is None

@@ -72,10 +72,12 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         raise
     remove_stale_temps(path.parent)
+        if isinstance(e, OSError) and e.filename is None:  # disk full on write: name the file
+            e.filename = str(path)
 
 
 def remove_stale_temps(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
@@ -116,7 +118,7 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise MapaError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise MapaError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise MapaError(f"{path}: not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise MapaError(f"{path}: not valid JSON (byte {e.start} is not UTF-8)") from None
 

@@ -9,6 +9,8 @@ line naming the file and, where it can, the row and column.
 from __future__ import annotations
 
 import csv
+import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ _TOO_LARGE = f"is too large: models train in float32, |x| <= {FLOAT32_MAX:.3g}"
 def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
     """Read a 2-D float array from ``.npy`` or ``.csv`` and check it (see :func:`check_array`).
 
-    A CSV may have one header row of non-numeric names; every other cell must be a number.
+    A CSV may have one header row of non-numeric names; every other cell must be a number. Its
+    separator (``,``, ``;`` or tab) is detected; decimal commas are refused with a hint.
     Never unpickles: object arrays in a ``.npy`` are refused.
     """
     path = Path(path)
@@ -60,14 +63,16 @@ def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
 
 def _read_csv(path: Path) -> np.ndarray:
     # utf-8-sig: a byte-order mark (Excel writes one) must not turn the first row into a "header"
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            rows = [row for row in reader if any(cell.strip() for cell in row)]
-        except UnicodeDecodeError as e:
-            raise MapaError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
-        except csv.Error as e:
-            raise MapaError(f"{path}: row {reader.line_num}: not valid CSV ({e})") from None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MapaError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
+    delimiter = _delimiter(text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        rows = [row for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as e:
+        raise MapaError(f"{path}: row {reader.line_num}: not valid CSV ({e})") from None
     if not rows:
         raise MapaError(f"{path}: file has no data rows")
     start = 0
@@ -85,13 +90,42 @@ def _read_csv(path: Path) -> np.ndarray:
                 values[r - start - 1, c] = float(cell)
             except ValueError:
                 msg = f"{path}: row {r}, column {c + 1}: {cell.strip()!r} is not a number"
-                raise MapaError(msg) from None
+                raise MapaError(msg + _hint(delimiter.join(row))) from None
             if not np.isfinite(values[r - start - 1, c]):  # name the cell as the file counts it
                 raise MapaError(f"{path}: non-finite value {cell.strip()!r} at row {r}, column {c + 1}")
             if abs(values[r - start - 1, c]) > FLOAT32_MAX:
                 raise MapaError(f"{path}: value {cell.strip()!r} at row {r}, column {c + 1} {_TOO_LARGE}")
     return values
 
+
+
+DELIMITERS = (",", ";", "\t")
+
+
+def _delimiter(text: str, lines: int = 20) -> str:
+    """The separator of a CSV: the first of ``,``, ``;``, tab that splits its first ``lines``
+    non-blank lines into the same number (> 1) of numeric cells (a first line may be a header);
+    ``,`` when none does (one column, or a problem the parser then names)."""
+    head = [line for line in text.splitlines() if line.strip()][:lines]
+    for d in DELIMITERS:
+        try:
+            rows = list(csv.reader(head, delimiter=d))
+        except csv.Error:  # e.g. a field over the size limit: the parser names the row
+            return ","
+        if rows and not _is_numeric_row(rows[0]):
+            rows = rows[1:]  # a header
+        if rows and len({len(r) for r in rows}) == 1 and len(rows[0]) > 1 and all(map(_is_numeric_row, rows)):
+            return d
+    return ","
+
+
+def _hint(line: str) -> str:
+    """Why a row may not parse: decimal commas, or separators mixed within the file."""
+    if re.search(r"\d,\d+\s*(;|\t|$)", line) and (";" in line or "\t" in line or line.count(",") == 1):
+        return "; decimal commas are not supported, write 1.08 not 1,08"
+    if sum(d in line for d in DELIMITERS) > 1:
+        return "; separate values by one of , ; or tab, the same on every row"
+    return ""
 
 
 def _is_numeric_row(row: list[str]) -> bool:

@@ -38,7 +38,10 @@ def load_dataset(
         from .mnist import load_binarized_mnist
 
         return load_binarized_mnist(path)  # its own train / valid / test split
-    if path.suffix.lower() not in {".npy", ".csv"} or not path.exists():
+    if path.is_file() and path.suffix.lower() not in {".npy", ".csv"}:
+        raise MapaError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .npy "
+                        "or .csv (any case), or a binarized-MNIST .npz")
+    if not path.exists():
         raise MapaError(
             f"{source!r} is neither a built-in data set ({', '.join([*GROUND_TRUTHS, *IMAGE_DATASETS])}) "
             "nor an existing .npy, .csv or binarized-MNIST .npz file"

@@ -16,6 +16,7 @@ autoencoder term.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
+from ..errors import MapaError
 from ..kernels import Kernel
 from ..storage import array_digest, atomic_write
 from .engines import build_posterior, cache_params
@@ -73,10 +75,17 @@ def cached_posterior(
     engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, **index_params)
     key = _cache_key(data, kernel, k_keep, dtype, engine_key)
     cache_dir = Path(cache_dir).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / f"posterior-{key[:32]}.npz"
-    with FileLock(str(path) + ".lock"):
-        loaded = _load_cache(path, key)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:  # read-only, not a folder, no permission: the user's choice of folder
+        raise MapaError(f"--cache-dir {cache_dir}: cannot keep the posterior cache there "
+                        f"({e.strerror or type(e).__name__}); choose another --cache-dir or set "
+                        "$MAPA_VAE_CACHE") from None
+    try:
+        loaded = _load_cache(path, key, n, dtype)
         if loaded is not None:
             return loaded, True
         if engine_key:
@@ -91,12 +100,16 @@ def cached_posterior(
         meta = np.frombuffer((key + ":" + _arrays_digest(arrays)).encode(), dtype=np.uint8)
         with atomic_write(path) as f:
             np.savez(f, meta=meta, **arrays)  # type: ignore[arg-type]
+    finally:
+        lock.release()
     return post, False
 
 
 
-def _load_cache(path: Path, key: str) -> MapaPosterior | None:
-    """The cached posterior if the file exists, reads cleanly and its digests match, else None."""
+def _load_cache(path: Path, key: str, n: int, dtype: torch.dtype) -> MapaPosterior | None:
+    """The cached posterior if the file exists, reads cleanly, its digests match and its arrays
+    have the structure of a posterior of ``n`` points (:func:`_structure_problem`), else None,
+    with a one-line notice on stderr for a file that exists but is not used."""
     if not path.exists():
         return None
     try:
@@ -104,8 +117,38 @@ def _load_cache(path: Path, key: str) -> MapaPosterior | None:
             arrays = {name: f[name] for name in ("log_q", "index", "log_rest")}
             stored_key, _, stored_digest = bytes(f["meta"]).decode().partition(":")
     except Exception:  # truncated zip, bad CRC, missing member: rebuild
-        return None
-    if stored_key != key or stored_digest != _arrays_digest(arrays):
+        problem: str | None = "unreadable (truncated or corrupt)"
+    else:
+        if stored_key != key or stored_digest != _arrays_digest(arrays):
+            problem = "its contents do not match its digest"
+        else:  # the digest is unkeyed: it proves integrity, not origin, so check what is used
+            problem = _structure_problem(arrays, n, torch.empty(0, dtype=dtype).numpy().dtype)
+    if problem is not None:
+        print(f"mapa-vae: notice: posterior cache {path}: {problem}; rebuilding it", file=sys.stderr)
         return None
     return MapaPosterior(*(torch.from_numpy(arrays[k]) for k in ("log_q", "index", "log_rest")))
+
+
+def _structure_problem(arrays: dict[str, np.ndarray], n: int, dtype: np.dtype[Any]) -> str | None:
+    """What makes ``arrays`` unfit as the top-``K`` table of ``N = n`` points, or None.
+
+    ``log_q`` and ``index`` are ``(N, K)`` with ``1 <= K <= N``, ``log_rest`` is ``(N,)``; the
+    log-probabilities have ``dtype``, are never NaN or above 0; the indices are int64 in
+    ``[0, N)`` (a negative one would silently wrap around).
+    """
+    log_q, index, log_rest = arrays["log_q"], arrays["index"], arrays["log_rest"]
+    if log_q.ndim != 2 or log_q.shape[0] != n or not 1 <= log_q.shape[1] <= n:
+        return f"log_q has shape {log_q.shape}, expected ({n}, K) with 1 <= K <= {n}"
+    if index.shape != log_q.shape or log_rest.shape != (n,):
+        return f"index {index.shape} / log_rest {log_rest.shape} do not fit log_q {log_q.shape}"
+    if index.dtype != np.int64:
+        return f"index has dtype {index.dtype}, expected int64"
+    if log_q.dtype != dtype or log_rest.dtype != dtype:
+        return f"log-probabilities have dtype {log_q.dtype}/{log_rest.dtype}, expected {dtype}"
+    if index.size and (index.min() < 0 or index.max() >= n):
+        return f"an index lies outside [0, {n})"
+    for name, a in (("log_q", log_q), ("log_rest", log_rest)):
+        if np.isnan(a).any() or (a > 1e-6).any():
+            return f"{name} holds NaN or a log-probability above 0"
+    return None
 

@@ -53,10 +53,21 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
     if not run.is_dir():
         raise MapaError(f"{run}: no such run directory")
     raw = read_json(run / "config.json")
-    try:
-        data_dim, lik_config = int(raw.pop("data_dim")), raw.pop("likelihood_config")
-    except KeyError:
-        raise MapaError(f"{run / 'config.json'}: not a mapa-vae run config") from None
+    if isinstance(raw, dict):
+        raw.pop("data_sizes", None)  # the split sizes used, recorded for the reader
+    metrics = run / "metrics.json"
+    if metrics.is_file():
+        m = read_json(metrics)
+        if isinstance(m, dict) and m.get("usable") is False:
+            raise MapaError(f"{run}: this run produced no usable model ({m.get('problem')}); "
+                            "train again (e.g. a smaller --lr or another --noise-var)")
+    where = run / "config.json"
+    if not isinstance(raw, dict) or "data_dim" not in raw or "likelihood_config" not in raw:
+        raise MapaError(f"{where}: not a mapa-vae run config (expected a JSON object with data_dim "
+                        "and likelihood_config)")
+    data_dim, lik_config = raw.pop("data_dim"), raw.pop("likelihood_config")
+    if not isinstance(data_dim, int) or isinstance(data_dim, bool) or data_dim < 1:
+        raise MapaError(f"{where}: data_dim must be a positive integer, got {data_dim!r}")
     cfg = TrainConfig.from_dict(raw, where=str(run / "config.json"))
     method = METHODS[cfg.method]
     arch = Architecture.from_config(cfg, data_dim)
@@ -72,6 +83,12 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
         model = method.build_final(arch, likelihood, cfg)
     else:
         model = method.build(arch, likelihood, cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as e:  # shapes or names that do not fit the config
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise MapaError(f"{where} (data_dim {data_dim}, latent_dim {cfg.latent_dim}, hidden "
+                        f"{list(cfg.hidden)}) does not fit the weights in {run / f'{which}.pt'}: "
+                        f"{first[:160]}") from None
     return Run(cfg, model.eval(), data_dim)
 
