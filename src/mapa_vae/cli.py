@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -39,6 +41,58 @@ from .training.loop import train
 from .training.runs import load_run
 
 __all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, unless its help already does or it has none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= low``, else a one-line error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def jobs_count(text: str) -> int:
+    """``--jobs``: a positive number of processes, or joblib's -1 (all cores), -2 (all but one), …"""
+    value = int_at_least(-(2**31))(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a positive number of jobs, or -1 for all cores")
+    return value
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an output directory that is an existing file (or lies under one)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == Path(path) else f"lies under the file {p}"
+                raise MapaError(f"{flag} {path}: {what}; give a directory")
+            return
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -85,15 +139,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         parser.add_argument(*names, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, **fixed: Any):
-    """The :class:`TrainConfig` of the flags given (defaults for the rest), checked as a whole."""
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The config flags given on the command line (the others keep their defaults)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    return TrainConfig(**{**given, **fixed})
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of the flags given (defaults for the rest), checked as a whole."""
+    return TrainConfig(**{**_given(args), **fixed})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    result = train(config_from_args(args), args.out, progress=not args.quiet, resume=args.resume)
+    cfg = config_from_args(args)
+    _check_out_dir(args.out)
+    result = train(cfg, args.out, progress=not args.quiet, resume=args.resume)
     print(json.dumps(result.metrics, indent=2))
 
 
@@ -118,8 +178,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    compare(args.data, args.out, epochs=args.epochs, samples=args.samples, seed=args.seed,
-            progress=not args.quiet)
+    _check_out_dir(args.out)
+    compare(out=args.out, methods=args.methods, progress=not args.quiet, **_given(args))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -142,80 +202,82 @@ def cmd_surrogates(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(GROUND_TRUTHS)
     images = ", ".join(IMAGE_DATASETS)
-    p = argparse.ArgumentParser(
-        prog="mapa-vae",
+    p = _Parser(
+        prog="mapa-vae", formatter_class=_Help,
         description="Train VAEs with MAPA (model-agnostic posterior approximation), VAE or IWAE.",
     )
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the small MLPs here run fastest on one "
+    p.add_argument("--threads", type=int_at_least(1), default=1,
+                   help="torch CPU threads (default: 1; the small MLPs here run fastest on one "
                    "thread and threads contend badly on a busy machine; raise for large models)")
     sub = p.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
 
-    d = sub.add_parser("data", help="write a sample of a built-in ground-truth data set",
+    d = add("data", help="write a sample of a built-in ground-truth data set",
                        description=f"Draw points from a ground-truth data set ({names}).")
     d.add_argument("name", help=f"one of: {names}")
-    d.add_argument("--n", type=int, default=1000, help="number of points (default 1000)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int_at_least(1), default=1000, help="number of points")
+    d.add_argument("--seed", type=int, default=0, help="which draw")
     d.add_argument("--out", required=True, help="output .npy file")
     d.add_argument("--codes", help="also write the true latent codes to this .npy file")
     d.set_defaults(func=cmd_data)
 
-    t = sub.add_parser("train", help="train a model and write it with config and metrics",
+    t = add("train", help="train a model and write it with config and metrics",
                        description="Train a model by one of the registered methods; writes "
                        "config.json, model.pt, metrics.json (val/test log-likelihood, test KL, "
                        f"time, passes) to --out. Built-in data: {names}; images: {images}. Every "
-                       "flag below is a field of TrainConfig.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "flag below is a field of TrainConfig.")
     add_config_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="run directory")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="draw new data from a trained model's prior",
+    s = add("sample", help="draw new data from a trained model's prior",
                        description="z ~ p(z), x ~ p(x | f(z)); --mean writes f(z) without noise.")
     s.add_argument("run", help="run directory written by `mapa-vae train`")
-    s.add_argument("--n", type=int, default=1000)
+    s.add_argument("--n", type=int_at_least(1), default=1000, help="number of points")
     s.add_argument("--mean", action="store_true", help="write decoder means, no observation noise")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", choices=DEVICES, default="cpu")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--device", choices=DEVICES, default="cpu", help="where to sample")
     s.add_argument("--out", required=True, help="output .npy file")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="mean log-likelihood of a data file under a trained model",
+    e = add("evaluate", help="mean log-likelihood of a data file under a trained model",
                        description="log p(x) by quadrature (1-D latent) or importance sampling.")
     e.add_argument("run", help="run directory written by `mapa-vae train`")
     e.add_argument("--data", required=True, help=".npy or .csv file of points")
     e.add_argument("--per-point", metavar="FILE.npy", help="also write each point's log p(x)")
-    e.add_argument("--grid", type=int, default=2**16, help="quadrature points (1-D latent)")
-    e.add_argument("--samples", type=int, default=1000, help="importance samples (latent > 1)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", choices=DEVICES, default="cpu")
+    e.add_argument("--grid", type=int_at_least(2), default=2**16, help="quadrature points (1-D latent)")
+    e.add_argument("--samples", type=int_at_least(1), default=1000,
+                   help="importance samples (latent > 1)")
+    e.add_argument("--seed", type=int, default=0, help="importance sampling seed")
+    e.add_argument("--device", choices=DEVICES, default="cpu", help="where to evaluate")
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("reproduce", help="run the paper's protocol and write figures and a report",
+    r = add("reproduce", help="run the paper's protocol and write figures and a report",
                        description="Every (data set, draw, method, S, restart) is a job; finished "
                        "jobs are kept in --out, so an interrupted sweep resumes. Writes report.md, "
                        "report.html and figures/.")
     r.add_argument("--profile", choices=["tiny", "quick", "paper"], default="quick",
                    help="quick: minutes on 2 CPU cores; paper: R = D = 10, 500 epochs; tiny: a smoke test")
     r.add_argument("--out", default="runs/reproduce", help="output directory (also the job store)")
-    r.add_argument("--jobs", type=int, default=1, help="parallel jobs (-1: all cores)")
+    r.add_argument("--jobs", type=jobs_count, default=1, help="parallel jobs (-1: all cores)")
     r.add_argument("--backend", choices=["loky", "ray", "dask"], default="loky",
                    help="joblib backend: local processes, or a Ray / Dask cluster")
     r.add_argument("--address", default=None, help="Ray or Dask scheduler address (default: local)")
-    r.add_argument("--cache-dir", default=None, help="posterior cache (default ~/.cache/mapa-vae)")
+    r.add_argument("--cache-dir", default=None,
+                   help="posterior cache (default: $MAPA_VAE_CACHE or ~/.cache/mapa-vae)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_reproduce)
 
-    g = sub.add_parser("surrogates", help="check (or refit) the ground-truth surrogate MLPs",
+    g = add("surrogates", help="check (or refit) the ground-truth surrogate MLPs",
                        description="Print each surrogate's MSE against its analytic curve on "
                        "fresh z ~ N(0, 1); --refit fits and stores them again.")
     g.add_argument("names", nargs="*", help=f"data sets (default: all of {names})")
-    g.add_argument("--refit", action="store_true")
+    g.add_argument("--refit", action="store_true", help="fit them again (minutes) and store them")
     g.set_defaults(func=cmd_surrogates)
 
-    c = sub.add_parser("compare", help="the main job: methods side by side on one data set",
+    c = add("compare", help="the main job: methods side by side on one data set",
                        description="Train several methods with the same settings (every train "
                        "flag but --method applies to all), print a table (test KL, time, passes) "
                        "and plot data vs samples.")
@@ -223,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="METHOD", help=f"registered methods to compare, of: {', '.join(METHODS)} "
                    f"(default: {' '.join(METHOD_ORDER)})")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
-    c.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    c.add_argument("--out", default="runs/compare", help="output directory")
     add_config_arguments(c, exclude=("method",))
     c.set_defaults(func=cmd_compare)
     return p
@@ -232,8 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)
     try:
         args.func(args)
@@ -241,12 +301,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mapa-vae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the system's side (disk full, I/O error): one line too, exit status 1
-        print(f"mapa-vae: error: {e}", file=sys.stderr)
+        print(f"mapa-vae: error: {_system_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mapa-vae: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "permission denied; write elsewhere",
+    errno.EDQUOT: "disk quota exceeded; free space or write elsewhere",
+}
+
+
+def _system_error(e: OSError) -> str:
+    """One line naming the file (where the system said which) and what to do."""
+    what = _ADVICE.get(e.errno or -1) or e.strerror or type(e).__name__
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{what} ([Errno {e.errno}] {e.strerror})" if e.errno else f"{where}{what}"
 
 
 if __name__ == "__main__":
