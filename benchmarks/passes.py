@@ -1,85 +1,186 @@
-"""Network passes per point per step, and wall-clock per epoch: MAPA vs IWAE (paper Fig. 2b, 4, 5).
+"""Network passes per point per step, seconds per epoch and bound quality: MAPA vs IWAE at scale.
 
-For spiral-dots (N = 1000 training points, batch 100) and S in {10, 50, 100, 200}, MAPA uses
-k = 10 % of S. Each configuration trains for a few real epochs (Adam steps included) in this one
-process, so the timings are side by side on the same machine. Prints a table and the ratios
-behind the paper's claim (c): MAPA at S = 200 needs no more decoder passes than IWAE at S = 50.
+For one data set and training size ``N`` (batch 100), rows for MAPA at S in {50, 200} (k = 10 %
+of S) in four variants, and IWAE at S in {25, 50, 100}:
 
-    python benchmarks/passes.py [--data spiral-dots] [--epochs 3]
+- ``random``: the paper's MAPA, each point's own tail draws, random batches;
+- ``local``: the same bound, batches of nearby points (``--batching local``);
+- ``shared``: one tail proposal shared by each local batch (``--tail shared --batching local``);
+- ``shared-random``: the shared tail on random batches (to show what locality buys it).
+
+Cost: every row starts from the same weights (a MAPA model, S = 50, local batches, warmed up for
+``--warmup-steps`` steps: at barely trained weights every tail estimator is dominated by rare
+atoms the kernel misranks) and takes ``--steps`` real Adam steps; passes are counted over those steps and
+``seconds_per_epoch`` is the mean step time times the steps of an epoch plus the time to draw an
+epoch's batches. Quality: at the warmed-up weights (fixed, no training), every MAPA variant's
+bound of every training point is evaluated in ``--draws`` epochs of batches drawn by its own
+batching (the same N points for every variant); ``bound_mean`` is the mean over points and draws,
+``bound_std`` the root-mean-square over points of the standard deviation over draws, and
+``bound_se`` the standard error of ``bound_mean``. IWAE's bound is of another model: null.
+
+    python benchmarks/passes.py --n-train 10000 --json passes-10k.json [--data spiral-dots]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import platform
 import tempfile
 import time
+from typing import Any
 
 import torch
 
 from mapa_vae.config import TrainConfig
+from mapa_vae.data.images import IMAGE_DATASETS
 from mapa_vae.data.loading import load_dataset
 from mapa_vae.methods.base import Architecture
-from mapa_vae.models.likelihoods import GaussianLikelihood
-from mapa_vae.registry import METHODS
+from mapa_vae.models.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
+from mapa_vae.registry import BATCHINGS, METHODS
+
+BATCH = 100
+MAPA_VARIANTS = {  # name: (tail, batching)
+    "random": ("per-point", "random"),
+    "local": ("per-point", "local"),
+    "shared": ("shared", "local"),
+    "shared-random": ("shared", "random"),
+}
 
 
-def measure(method: str, samples: int, data: torch.Tensor, noise_var: float, epochs: int,
-            cache_dir: str) -> dict[str, float]:
-    torch.manual_seed(0)
-    cfg = TrainConfig(method=method, samples=samples, cache_dir=cache_dir)
+def setup(data: str, n_train: int) -> tuple[torch.Tensor, Likelihood, Architecture]:
+    ds = load_dataset(data, n_train=n_train, n_val=10, n_test=10, seed=0)
+    x = ds.train.float()
+    if ds.truth is not None:
+        return x, GaussianLikelihood(ds.truth.noise_var), Architecture(x.shape[1], 1, (50, 50, 50), "tanh")
+    if data in IMAGE_DATASETS:
+        return x, BernoulliLikelihood(), Architecture(x.shape[1], 4, (256, 256), "relu")
+    raise SystemExit(f"{data}: a curve or a built-in image set, please")
+
+
+def run_steps(method: str, cfg: TrainConfig, x: torch.Tensor, lik: Likelihood, arch: Architecture,
+              state: dict[str, torch.Tensor] | None, steps: int) -> tuple[Any, Any, dict[str, float]]:
+    """``steps`` Adam steps from ``state``; passes per point per step and seconds per epoch."""
     m = METHODS[method]
-    model = m.build(Architecture(2, 1, (50, 50, 50), "tanh"), GaussianLikelihood(noise_var), cfg)
-    objective = m.objective(model, data, cfg)  # MAPA's posterior comes from the cache
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    n = data.shape[0]
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        perm = torch.randperm(n)
-        for start in range(0, n, cfg.batch_size):
-            index = perm[start : start + cfg.batch_size]
-            loss = -objective(model, data[index], index).surrogate.mean()
+    torch.manual_seed(cfg.seed)
+    model = m.build(arch, lik, cfg)
+    if state is not None:
+        model.load_state_dict(state)
+    objective = m.objective(model, x, cfg)  # MAPA's posterior: from the cache after the first
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batching = BATCHINGS[cfg.batching]
+    t = time.perf_counter()
+    batches = batching(x, BATCH)
+    batch_seconds = time.perf_counter() - t
+    done, step_time = 0, 0.0
+    while done < steps + 2:
+        for index in batches:
+            if done == 2:  # the first two steps warm up allocators, untimed and uncounted
+                objective.passes.reset()
+                t0 = time.perf_counter()
+            loss = -objective(model, x[index], index).surrogate.mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    per_epoch = (time.perf_counter() - t0) / epochs
-    return {**objective.passes.per_point(), "seconds_per_epoch": per_epoch}
+            done += 1
+            if done == steps + 2:
+                break
+        else:
+            batches = batching(x, BATCH)
+    step_time = (time.perf_counter() - t0) / steps
+    n_batches = math.ceil(x.shape[0] / BATCH)
+    per = objective.passes.per_point()
+    return model, objective, {"decoder_passes": per["decoder"], "encdec_passes": per["encoder+decoder"],
+                              "seconds_per_epoch": step_time * n_batches + batch_seconds}
+
+
+def bound_at(model: Any, objective: Any, x: torch.Tensor, batching: str, draws: int) -> dict[str, float]:
+    """The bound of every training point at fixed weights, over ``draws`` epochs of batches
+    (each drawn by ``batching``) and tail draws: the same N points for every variant."""
+    gen = torch.Generator().manual_seed(123)
+    per_draw = torch.empty(draws, x.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for r in range(draws):
+            for index in BATCHINGS[batching](x, BATCH, gen):
+                per_draw[r, index] = objective(model, x[index], index).value.double()
+    mean_per_draw = per_draw.mean(1)  # (draws,)
+    many = draws > 1
+    return {"bound_mean": float(mean_per_draw.mean()),
+            "bound_se": float(mean_per_draw.std() / math.sqrt(draws)) if many else math.nan,
+            "bound_std": float(per_draw.std(0).pow(2).mean().sqrt()) if many else math.nan}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="spiral-dots")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--samples", type=int, nargs="+", default=[10, 50, 100, 200])
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--json", default=None, help="write the records here")
+    p.add_argument("--mapa-samples", type=int, nargs="+", default=[50, 200])
+    p.add_argument("--iwae-samples", type=int, nargs="+", default=[25, 50, 100])
+    p.add_argument("--variants", nargs="+", default=list(MAPA_VARIANTS), choices=list(MAPA_VARIANTS))
+    p.add_argument("--steps", type=int, default=30, help="timed steps per row")
+    p.add_argument("--warmup-steps", type=int, default=2000,
+                   help="MAPA (S=50, local batches) steps before the fixed weights")
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    ds = load_dataset(args.data)
-    assert ds.truth is not None
-    x = ds.train.float()
-    rows: dict[tuple[str, int], dict[str, float]] = {}
+    torch.set_num_threads(args.threads)
+    x, lik, arch = setup(args.data, args.n_train)
+    n = x.shape[0]
+    machine = (f"{platform.machine()} {platform.processor() or ''}".strip()
+               + f", torch {torch.__version__}, {torch.get_num_threads()} threads")
+    records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as cache:
-        for s in args.samples:
-            for method in ("mapa", "iwae"):
-                rows[(method, s)] = measure(method, s, x, ds.truth.noise_var, args.epochs, cache)
-    print(f"{args.data}: N = {x.shape[0]}, batch 100, {args.epochs} epochs per row, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| method | S | k | decoder passes/pt/step | enc+dec passes/pt/step | s/epoch |")
-    print("|---|---|---|---|---|---|")
-    for (method, s), r in rows.items():
-        k = max(1, round(0.1 * s)) if method == "mapa" else "-"
-        print(f"| {method} | {s} | {k} | {r['decoder']:.2f} | {r['encoder+decoder']:.2f} "
-              f"| {r['seconds_per_epoch']:.3f} |")
-    if ("mapa", 200) in rows and ("iwae", 50) in rows:
-        m, i50 = rows[("mapa", 200)], rows[("iwae", 50)]
-        print(f"\ndecoder passes, MAPA(S=200) / IWAE(S=50): {m['decoder'] / i50['decoder']:.3f} "
-              f"(claim: <= 1) -> {'holds' if m['decoder'] <= i50['decoder'] else 'fails'}")
-        if ("iwae", 100) in rows:
-            i100 = rows[("iwae", 100)]
-            ratio = m["encoder+decoder"] / i100["encoder+decoder"]
-            print(f"enc+dec passes, MAPA(S=200) / IWAE(S=100): {ratio:.3f} (claim: about 1 or less)")
-    for s in args.samples:
-        m, i = rows[("mapa", s)], rows[("iwae", s)]
-        print(f"S={s}: wall-clock per epoch MAPA / IWAE = "
-              f"{m['seconds_per_epoch'] / i['seconds_per_epoch']:.2f}, "
-              f"decoder passes MAPA / IWAE = {m['decoder'] / i['decoder']:.3f}")
+        t = time.perf_counter()
+        base = TrainConfig(method="mapa", samples=50, cache_dir=cache, batch_size=BATCH,
+                           batching="local")  # the cheapest way to reasonable weights
+        warm, _, _ = run_steps("mapa", base, x, lik, arch, None, args.warmup_steps)
+        state = {k: v.clone() for k, v in warm.state_dict().items()}
+        print(f"{args.data}: N = {n}, warm-up {args.warmup_steps} MAPA steps (posterior included) "
+              f"{time.perf_counter() - t:.1f} s; {machine}", flush=True)
+        for s in args.mapa_samples:
+            for variant in args.variants:
+                tail, batching = MAPA_VARIANTS[variant]
+                cfg = TrainConfig(method="mapa", samples=s, cache_dir=cache, tail=tail,
+                                  batching=batching, batch_size=BATCH)
+                model, objective, cost = run_steps("mapa", cfg, x, lik, arch, state, args.steps)
+                model.load_state_dict(state)  # the quality at the same fixed weights
+                q = bound_at(model, objective, x, batching, args.draws)
+                records.append({"method": "mapa", "variant": variant, "n": n, "samples": s,
+                                "k": cfg.mapa_k, **cost, **q})
+                print(json.dumps(records[-1]), flush=True)
+        for s in args.iwae_samples:
+            cfg = TrainConfig(method="iwae", samples=s, cache_dir=cache, batch_size=BATCH)
+            _, _, cost = run_steps("iwae", cfg, x, lik, arch, None, args.steps)
+            records.append({"method": "iwae", "variant": "random", "n": n, "samples": s, "k": None,
+                            **cost, "bound_mean": None, "bound_se": None, "bound_std": None})
+            print(json.dumps(records[-1]), flush=True)
+    print(f"\n{args.data}, N = {n}, batch {BATCH}, {machine}")
+    print("| method | variant | S | decoder passes/pt/step | enc+dec | s/epoch | bound (± se) "
+          "| std over draws |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in records:
+        b = "-" if r["bound_mean"] is None else f"{r['bound_mean']:.3f} ± {r['bound_se']:.3f}"
+        sd = "-" if r["bound_std"] is None else f"{r['bound_std']:.3f}"
+        print(f"| {r['method']} | {r['variant']} | {r['samples']} | {r['decoder_passes']:.2f} | "
+              f"{r['encdec_passes']:.2f} | {r['seconds_per_epoch']:.2f} | {b} | {sd} |")
+    get = {(r["method"], r["variant"], r["samples"]): r for r in records}
+    ref, iwae25 = get.get(("mapa", "random", 200)), get.get(("iwae", "random", 25))
+    for variant in args.variants:
+        m = get.get(("mapa", variant, 200))
+        if m and iwae25 and ref:
+            gap = m["bound_mean"] - ref["bound_mean"]
+            fewer = "<=" if m["decoder_passes"] <= iwae25["decoder_passes"] else ">"
+            print(f"MAPA(S=200, {variant}): decoder passes {m['decoder_passes']:.2f} {fewer} "
+                  f"IWAE(S=25) {iwae25['decoder_passes']:.2f}; "
+                  f"bound - per-point random = {gap:+.3f} nats")
+    if args.json:
+        context = {"data": args.data, "batch": BATCH, "machine": machine, "steps": args.steps,
+                   "warmup_steps": args.warmup_steps,
+                   "draws": args.draws}
+        with open(args.json, "w") as f:
+            json.dump([{**r, **context} for r in records], f, indent=1)
 
 
 if __name__ == "__main__":

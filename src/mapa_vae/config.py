@@ -31,6 +31,7 @@ from typing import Any
 from .errors import MapaError
 from .registry import (
     ACTIVATIONS,
+    BATCHINGS,
     CODE_PRIORS,
     ENGINES,
     ESTIMATORS,
@@ -39,6 +40,7 @@ from .registry import (
     NETWORKS,
     POSTERIORS,
     PRIOR_FITS,
+    TAILS,
     Registry,
     choices,
 )
@@ -112,6 +114,11 @@ class TrainConfig:
     top_k: int | None = knob(None, "neighbours stored per point in MAPA's table; none = all up to "
                              "2048 points, else 512", low=1)
     estimator: str = knob("naive", "IWAE's encoder gradient estimator", choices=ESTIMATORS)
+    tail: str = knob("per-point", "MAPA's S tail draws: each point's own, or one proposal shared "
+                     "by the batch (passes grow with the batch's unique atoms)", choices=TAILS)
+    batching: str = knob("random", "an epoch's batches: a random permutation, or points near each "
+                         "other (random projection tree; fewer unique atoms per MAPA batch)",
+                         choices=BATCHINGS)
     # --- sigmoid belief networks (--method sbn)
     layers: tuple[int, ...] = knob((200,), "SBN: Bernoulli units per stochastic layer, bottom first, "
                                    "top last (e.g. 200 200 200)", low=1)

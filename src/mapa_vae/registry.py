@@ -30,6 +30,7 @@ from .errors import MapaError
 
 __all__ = [
     "ACTIVATIONS",
+    "BATCHINGS",
     "CODE_PRIORS",
     "ENGINES",
     "ESTIMATORS",
@@ -38,6 +39,7 @@ __all__ = [
     "NETWORKS",
     "POSTERIORS",
     "PRIOR_FITS",
+    "TAILS",
     "Registry",
 ]
 
@@ -65,7 +67,7 @@ class Registry(Generic[T]):
 
             return decorator
         old = self._entries.get(name)
-        if old is not None and old is not entry:
+        if old is not None and old is not entry and not _same_definition(old, entry):
             raise MapaError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
         return entry
@@ -110,6 +112,20 @@ POSTERIORS: Registry[Any] = Registry("posterior", "MAPA's q(i|n) (mapa_vae.metho
 ENGINES: Registry[Any] = Registry("posterior engine", "top-K table builders (mapa_vae.inference.engines)")
 PRIOR_FITS: Registry[Any] = Registry("prior fit", "MAPA's 1-D copula prior (mapa_vae.models.copula)")
 CODE_PRIORS: Registry[Any] = Registry("code prior", "MAPA's priors for L > 1 (mapa_vae.models.code_priors)")
+TAILS: Registry[Any] = Registry("tail proposal", "MAPA's tail draws (mapa_vae.inference.tails)")
+BATCHINGS: Registry[Any] = Registry("batching", "an epoch's batch order (mapa_vae.training.batching)")
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old``'s definition executed again (a module imported a second time,
+    as pytest's doctest collection under ``--import-mode=importlib`` does): same qualified name
+    and defining module, or equal plain values."""
+    name = getattr(new, "__qualname__", None)
+    if name is None:
+        return bool(old == new) and type(old) is type(new)
+    mod_old, mod_new = getattr(old, "__module__", ""), getattr(new, "__module__", "")
+    return (name == getattr(old, "__qualname__", None)
+            and (mod_old.endswith(mod_new) or mod_new.endswith(mod_old)))
 
 
 def choices(registry: Registry[Any] | tuple[str, ...]) -> tuple[str, ...]:

@@ -34,6 +34,12 @@ from .objectives import (
     Objective,
     PassCounter,
 )
+from .tails import (
+    PerPointTail,
+    SharedTail,
+    TailProposal,
+    make_tail,
+)
 from .posterior import (
     MapaPosterior,
     default_top_k,
@@ -64,6 +70,9 @@ __all__ = [
     "NeighbourIndex",
     "Objective",
     "PassCounter",
+    "PerPointTail",
+    "SharedTail",
+    "TailProposal",
     "Reinforce",
     "blocked_top_k",
     "build_posterior",
@@ -73,6 +82,7 @@ __all__ = [
     "concat_rows",
     "default_top_k",
     "ground_truth_posterior",
+    "make_tail",
     "leave_one_out_bounds",
     "resolve_engine",
     "resolve_top_k",

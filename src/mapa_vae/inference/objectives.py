@@ -25,6 +25,7 @@ from ..errors import MapaError
 from ..models.latent import LatentVariableModel
 from ..registry import ESTIMATORS
 from .posterior import MapaPosterior
+from .tails import PerPointTail, TailProposal
 
 __all__ = [
     "ELBO",
@@ -192,6 +193,12 @@ class MAPA(Objective):
     With ``reuse=True`` the encoder and decoder run once per *unique* index in the batch's
     ``B_n(k)`` and samples; ``reuse=False`` runs them once per (point, index) pair, as a naive
     implementation would (same value, more passes).
+
+    ``tail`` says where the ``S`` draws come from (:mod:`~mapa_vae.inference.tails`): each
+    point's own ``q̃_k`` (:class:`~mapa_vae.inference.tails.PerPointTail`, the default and the
+    formula above) or one proposal shared by the batch
+    (:class:`~mapa_vae.inference.tails.SharedTail`), whose passes grow with the batch's unique
+    atoms instead of ``B·S``.
     """
 
     def __init__(
@@ -202,6 +209,7 @@ class MAPA(Objective):
         samples: int,
         reuse: bool = True,
         generator: torch.Generator | None = None,
+        tail: TailProposal | None = None,
     ) -> None:
         super().__init__()
         posterior.check_budget(k, samples)
@@ -215,19 +223,21 @@ class MAPA(Objective):
         self.samples = samples
         self.reuse = reuse
         self.generator = generator
+        self.tail = tail if tail is not None else PerPointTail()
 
     def proposal(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's atom indices ``(B, k+S)`` and the log-weights' offsets ``(B, k+S)``.
 
-        The offset is 0 for ``B_n(k)`` and ``-log q̃_k(i_s|n) - log S`` for the tail draws.
+        The offset is 0 for ``B_n(k)``; for the tail draws it is the tail proposal's importance
+        weight (``-log q̃_k(i_s|n) - log S`` per point, ``-inf`` where a row skips a draw).
         """
         top = self.posterior.top(index, self.k)  # (B, k)
         offset = torch.zeros(top.shape, dtype=self.atoms.dtype, device=top.device)
         if self.samples == 0:
             return top, offset
-        tail, log_q = self.posterior.sample_tail(index, self.k, self.samples, self.generator)
-        tail_offset = (-log_q - math.log(self.samples)).to(self.atoms.dtype)  # (B, S)
-        return torch.cat([top, tail], 1), torch.cat([offset, tail_offset], 1)
+        tail, tail_offset = self.tail.draw(self.posterior, index, self.k, self.samples,
+                                           self.generator)  # (B, S) each
+        return torch.cat([top, tail], 1), torch.cat([offset, tail_offset.to(offset.dtype)], 1)
 
     def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
         atom_idx, offset = self.proposal(index)  # (B, k+S) each

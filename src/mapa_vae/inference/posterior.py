@@ -135,6 +135,27 @@ class MapaPosterior:
             log_tilde = torch.where(rest, log_tilde - math.log(n - kk), log_tilde)
         return idx, log_tilde
 
+    def log_tail_prob(self, rows: Tensor, k: int, idx: Tensor) -> Tensor:
+        """``log q̃_k(i | n)`` for every row ``n`` of ``rows`` ``(B,)`` and atom ``i`` of ``idx``.
+
+        ``idx`` is ``(S,)`` (the same atoms for every row) or ``(B, S)``; returns ``(B, S)``:
+        ``-inf`` inside ``B_n(k)``, ``log q(i|n) - log Σ_{j∉B_n(k)} q(j|n)`` on the stored tail,
+        and the leftover mass spread uniformly, ``log_rest - log(N - K)`` minus the same
+        normalizer, on the atoms not stored: the density :meth:`sample_tail` draws from.
+        """
+        b, n, kk = rows.shape[0], self.n_points, self.top_k
+        idx = (idx.expand(b, -1) if idx.dim() == 1 else idx).contiguous()  # (B, S)
+        sorted_idx, order = torch.sort(self.index[rows], -1)  # (B, K) each
+        pos = torch.searchsorted(sorted_idx, idx).clamp_max(kk - 1)  # (B, S)
+        found = torch.gather(sorted_idx, 1, pos) == idx
+        col = torch.gather(order, 1, pos)  # the matched column of the row's table
+        log_q = torch.gather(self.log_q[rows], 1, col)  # (B, S)
+        log_q = torch.where(col < k, torch.full_like(log_q, -math.inf), log_q)
+        if kk < n:
+            unstored = self.log_rest[rows, None] - math.log(n - kk)  # (B, 1)
+            log_q = torch.where(found, log_q, unstored.expand_as(log_q))
+        return log_q - self.log_tail_mass(rows, k)[:, None]
+
     def dense(self) -> Tensor:
         """The full ``(N, N)`` matrix of ``log q`` (tests and figures; only when ``K = N``)."""
         if self.top_k != self.n_points:

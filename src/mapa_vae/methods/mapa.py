@@ -21,6 +21,7 @@ from ..inference.cache import cached_posterior
 from ..inference.exact import ground_truth_posterior
 from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
 from ..inference.posterior import MapaPosterior, uniform_posterior
+from ..inference.tails import make_tail
 from ..models.code_priors import build_code_prior, fit_code_prior
 from ..models.copula import fit_copula_prior, mapped_model
 from ..models.latent import CodeEncoder, Decoder, LatentVariableModel, StandardNormal
@@ -76,7 +77,8 @@ class MapaMethod(Method):
                   data: Dataset | None = None) -> Objective:
         posterior = POSTERIORS[cfg.posterior](model, train, cfg, data)
         posterior.check_budget(cfg.mapa_k, cfg.samples)
-        return MAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples)
+        return MAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples,
+                    tail=make_tail(cfg.tail))
 
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
                                   cfg: TrainConfig) -> float:

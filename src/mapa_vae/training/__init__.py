@@ -4,6 +4,10 @@ and data-parallel training under torchrun.
 
 from __future__ import annotations
 
+from .batching import (
+    local_batches,
+    random_batches,
+)
 from .distributed import (
     Parallel,
     init_parallel,
@@ -26,6 +30,8 @@ __all__ = [
     "evaluate_final",
     "init_parallel",
     "load_run",
+    "local_batches",
+    "random_batches",
     "resolve_device",
     "train",
 ]
