@@ -89,6 +89,7 @@ def importance_log_likelihood(model: SBN, x: Tensor, samples: int = 1000,
     p = next(model.parameters())
     x = x.to(p.device, p.dtype)
     est, err = [], []
+    chunk = max(1, min(chunk, 2**22 // (samples * x.shape[1])))  # (S, chunk, D) stays ~4M numbers
     for i in range(0, x.shape[0], chunk):
         log_w = model.trace(x[i : i + chunk], samples).log_w()  # (S, b)
         lp = torch.logsumexp(log_w, 0) - math.log(samples)  # (b,)
