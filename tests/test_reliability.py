@@ -486,8 +486,8 @@ def test_interrupted_retrain_never_passes_off_stale_files(tmp_path, monkeypatch)
 
     # killed during the final evaluation: nothing of the new run's results is written yet
     monkeypatch.setattr(training, "evaluate_final", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(cfg, seed=1), run, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # replacing a finished run needs overwrite=True
+        train(dataclasses.replace(cfg, seed=1), run, progress=False, overwrite=True)
     monkeypatch.undo()
     loaded = load_run(run)
     assert loaded.config == cfg
@@ -502,7 +502,7 @@ def test_interrupted_retrain_never_passes_off_stale_files(tmp_path, monkeypatch)
 
     monkeypatch.setattr(training, "write_json", write_json_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(dataclasses.replace(cfg, seed=2), run, progress=False)
+        train(dataclasses.replace(cfg, seed=2), run, progress=False, overwrite=True)
     with pytest.raises(MapaError, match="another run"):
         load_run(run)
 

@@ -31,11 +31,11 @@ from .data.groundtruth import (
     surrogate_mse,
 )
 from .data.images import IMAGE_DATASETS
-from .errors import MapaError
+from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
 from .experiments.reproduce import reproduce
 from .registry import METHODS, choices
-from .storage import atomic_write
+from .storage import atomic_write, strict_json
 from .training.distributed import resolve_device
 from .training.loop import train
 from .training.runs import load_run
@@ -153,8 +153,9 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     _check_out_dir(args.out)
-    result = train(cfg, args.out, progress=not args.quiet, resume=args.resume)
-    print(json.dumps(result.metrics, indent=2))
+    result = train(cfg, args.out, progress=not args.quiet, resume=args.resume,
+                   overwrite=args.overwrite)
+    print(json.dumps(strict_json(result.metrics), indent=2))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "flag below is a field of TrainConfig.")
     add_config_arguments(t)
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a finished or interrupted run in --out (refused without it)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", required=True, help="run directory")
     t.set_defaults(func=cmd_train)
@@ -291,20 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _resume_hint(e: KeyboardInterrupt) -> str:
+    """How to go on after an interrupted ``train``: the checkpoint's epoch and ``--resume``."""
+    run = getattr(e, "run_dir", None)
+    if run is None:
+        return ""
+    epoch = getattr(e, "saved_epoch", None)
+    if epoch is None:
+        return f"; no checkpoint was written to {run} yet: train again (with --overwrite)"
+    return (f"; the checkpoint of epoch {epoch} is in {run}/checkpoint.pt: run the same command "
+            "with --resume to continue from it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         args.func(args)
+    except NoUsableModel as e:  # the run is written, but nothing usable came out of it
+        print(f"mapa-vae: error: {e}", file=sys.stderr)
+        return NoUsableModel.exit_code
     except MapaError as e:
         print(f"mapa-vae: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the system's side (disk full, I/O error): one line too, exit status 1
         print(f"mapa-vae: error: {_system_error(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("mapa-vae: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"mapa-vae: interrupted{_resume_hint(e)}", file=sys.stderr)
         return 130
     return 0
 

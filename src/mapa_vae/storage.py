@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import pickle  # only for its exception type: nothing here unpickles
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "read_json",
     "remove_stale_temps",
     "save_tensors",
+    "strict_json",
     "write_json",
 ]
 
@@ -74,10 +76,10 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    remove_stale_temps(path.parent)
         if isinstance(e, OSError) and e.filename is None:  # disk full on write: name the file
             e.filename = str(path)
+        raise
+    remove_stale_temps(path.parent)
 
 
 def remove_stale_temps(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
@@ -104,10 +106,34 @@ def remove_stale_temps(folder: str | Path, max_age: float = STALE_TEMP_SECONDS) 
     return removed
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None``, so strict parsers read it.
+
+    In a dict, a replaced value ``key`` gains a sibling ``key_nonfinite`` saying what it was:
+
+    >>> strict_json({"kl": float("inf"), "ok": 1.5, "h": [float("nan")]})
+    {'kl': None, 'kl_nonfinite': 'inf', 'ok': 1.5, 'h': [None]}
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = {}
+        for k, v in obj.items():
+            out[k] = strict_json(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_nonfinite"] = "nan" if math.isnan(v) else "inf" if v > 0 else "-inf"
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
+    """Write ``obj`` as indented, strict JSON (non-finite floats as ``null``, see
+    :func:`strict_json`), atomically."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False)
     with atomic_write(path) as f:
-        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        f.write((text + "\n").encode())
 
 
 def read_json(path: str | Path) -> Any:

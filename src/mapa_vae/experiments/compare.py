@@ -34,13 +34,14 @@ def compare(data: str = "figure-8", out: str | Path = "runs/compare", epochs: in
     results: dict[str, TrainResult] = {}
     for cfg in configs:
         method = cfg.method
-        results[method] = train(cfg, out / method, progress=progress)
+        results[method] = train(cfg, out / method, progress=progress, overwrite=True)
         if progress:
             print(f"{method}: test KL {results[method].metrics.get('test_kl', float('nan')):.4f}",
                   flush=True)
     metrics = {m: r.metrics for m, r in results.items()}
     table = format_table(metrics)
     print(table)
+    print(f"runs in {out}/<method>/; table, metrics and samples.png in {out}/")
     write_json(out / "comparison.json", metrics)
     with atomic_write(out / "comparison.md") as f:
         f.write((f"# {data}: {' vs '.join(methods)} (S = {samples}, {epochs} epochs)\n\n" + table
@@ -55,7 +56,7 @@ def compare(data: str = "figure-8", out: str | Path = "runs/compare", epochs: in
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     """A Markdown table: test KL (± s.e.), test log-lik, train time, passes per point per step."""
     rows = [
-        "| method | S | k | test KL (nats) | test log-lik | train s | s/epoch "
+        "| method | S | k | test KL (nats, lower is better) | test log-lik | train s | s/epoch "
         "| dec passes/pt | enc+dec passes/pt |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

@@ -82,12 +82,37 @@ def plot_kl_vs_samples(summary: Mapping[tuple[str, str, int], Mapping[str, float
             e = [p[1]["std"] for p in pts]
             ax.errorbar(s, m, yerr=e, marker="o", ms=4, capsize=3, label=v, color=COLORS.get(v))
         _s_axis(ax, grid)
-        ax.set_yscale("symlog", linthresh=0.01)
+        _kl_axis(ax)
         ax.set_title(data)
         ax.set_xlabel("S")
-    axes[0][0].set_ylabel("test KL[p_GT ‖ p] (nats)")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][0].set_ylabel("test KL[p_GT ‖ p] (nats, lower is better)")
+    _legend_outside(fig, axes)
     return _save(fig, path)
+
+
+def _kl_axis(ax) -> None:
+    """A symmetric-log KL axis (KL estimates can dip below 0) labelled at 1-2-5 values; a range
+    too narrow to hold two such labels is shown on a linear axis instead."""
+    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
+
+    low, high = ax.get_ylim()
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=0.01, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylim(low, high)
+    if sum(low <= t <= high for t in ax.get_yticks()) < 2:
+        ax.set_yscale("linear")
+        ax.set_ylim(low, high)
+
+
+def _legend_outside(fig, axes) -> None:
+    """One legend for the figure, below the panels, where it covers no data."""
+    handles: dict[str, object] = {}
+    for ax in (a for row in axes for a in row):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+               ncol=min(len(handles), 4 if len(axes[0]) > 1 else 1), fontsize=8)
 
 
 def plot_passes(passes: Mapping[tuple[str, str, int], Mapping[str, float]], path: str | Path) -> Path:
@@ -164,7 +189,7 @@ def plot_posteriors(x: Tensor, points: Sequence[int], panels: Sequence[Posterior
             if col == 0:
                 ax.set_ylabel(f"x = ({x[n, 0]:.2f}, {x[n, 1]:.2f})\nlog density", fontsize=8)
     axes[-1][0].set_xlabel("z (the model's codes)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    _legend_outside(fig, axes)
     fig.suptitle(title)
     return _save(fig, path)
 

@@ -110,7 +110,11 @@ def posterior_kl(exact: MapaPosterior, approx: MapaPosterior) -> float:
 
 
 def _fmt(r: dict[str, float] | None) -> str:
-    return "–" if r is None else f"{r['mean']:.3f} ± {r['std']:.3f}"
+    if r is None:
+        return "–"
+    if r.get("n", 2) < 2:  # one draw has no spread to show
+        return f"{r['mean']:.3f} (1 draw)"
+    return f"{r['mean']:.3f} ± {r['std']:.3f}"
 
 
 def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduce", n_jobs: int = 1,
@@ -142,7 +146,8 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     variants = list(prof.variants)
     _kl_table(rep, summary, prof, variants)
     figs: list[tuple[Path, str]] = [(plot_kl_vs_samples(summary, fig_dir / "test_kl_vs_S.png"),
-                                     "Test KL against S (mean ± std over draws), Fig. 2a/3")]
+                                     "Test KL against S, lower is better (mean ± std over "
+                                     "draws; one draw: no error bar), Fig. 2a/3")]
     claim_a(rep, summary, prof)
     claim_b(rep, summary, prof)
     passes: dict[tuple[str, str, int], dict[str, float]] = {}
@@ -155,7 +160,7 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
                  "Network passes per point per step, batch 100 (Fig. 2b/4/5)"))
     claim_c(rep, passes, prof)
     claim_d(rep, datasets, figs, fig_dir)
-    claim_e(rep, datasets, best, out, figs, fig_dir)
+    claim_e(rep, datasets, best, out, figs, fig_dir, below_budget(prof))
     for d, ds in datasets.items():
         models = {}
         for v in variants:
@@ -167,6 +172,7 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
             path = plot_samples(ds.test, models, fig_dir / f"samples_{d}.png",
                                 title=f"{d}: data vs samples", metrics=chosen)
             figs.append((path, f"{d}: test data vs samples of each method (draw 0, S = {top_s})"))
+    _verdict_table(rep, at=1)  # first, after the set-up paragraph
     rep.heading("Figures")
     for path, caption in figs:
         rep.figure(path, caption)
@@ -193,8 +199,36 @@ def _kl_table(rep: Report, summary, prof: Profile, variants: list[str]) -> None:
     rep.table(["data", "method"] + [f"S={s}" for s in prof.samples], rows)
 
 
-def _verdict(fraction: float) -> str:
+MIN_EPOCHS = 100  # a claim about trained models is judged only with this many epochs …
+MIN_RUNS = 2  # … and at least this many restarts × draws per cell (the paper: 500 and 100)
+
+
+def below_budget(prof: Profile) -> str | None:
+    """Why ``prof`` is too small to judge a claim about trained models, or ``None``."""
+    epochs, runs = int(prof.train.get("epochs", 500)), prof.restarts * prof.draws
+    if epochs < MIN_EPOCHS or runs < MIN_RUNS:
+        return (f"{epochs} epochs and R·D = {runs}; a claim about trained models is judged from "
+                f"{MIN_EPOCHS} epochs and R·D ≥ {MIN_RUNS}")
+    return None
+
+
+def _verdict(fraction: float, budget: str | None = None) -> str:
+    """The verdict on a claim from the fraction of cells where it held; "not judged (why)" when
+    the runs were below the budget that can test it (:func:`below_budget`)."""
+    if budget is not None:
+        return f"not judged ({budget})"
     return "reproduced" if fraction == 1.0 else "partly reproduced" if fraction >= 0.5 else "not reproduced"
+
+
+def _verdict_table(rep: Report, at: int) -> None:
+    """Insert at block ``at`` a table of every claim's verdict, read from its section."""
+    rows, claim = [], ""
+    for block in rep.blocks:
+        if block[0] == "h":
+            claim = block[2]
+        elif block[0] == "p" and "Verdict: " in block[1]:
+            rows.append([claim, block[1].split("Verdict: ")[-1].rstrip(".")])
+    rep.blocks[at:at] = [("h", 2, "Verdicts"), ("table", ["claim", "verdict"], rows)]
 
 
 def claim_a(rep: Report, summary, prof: Profile) -> None:
@@ -215,7 +249,7 @@ def claim_a(rep: Report, summary, prof: Profile) -> None:
     rep.table(["data", "S", "MAPA (k=10%)", "IWAE", "VAE", "MAPA lowest"], lines)
     frac = wins / total if total else 0.0
     rep.paragraph(f"Measured: MAPA has the lowest test KL in {wins} of {total} (data set, S) cells "
-                  f"outside clusters. Verdict: {_verdict(frac)}.")
+                  f"outside clusters. Verdict: {_verdict(frac, below_budget(prof))}.")
 
 
 def claim_b(rep: Report, summary, prof: Profile) -> None:
@@ -237,7 +271,8 @@ def claim_b(rep: Report, summary, prof: Profile) -> None:
     rep.table(["data", "S", "MAPA", "MAPA-GT", "MAPA-naive", "MAPA ≈ GT", "naive much worse"], rows)
     frac = min(close, worse) / total if total else 0.0
     rep.paragraph(f"Measured: MAPA within max(0.05, 25 %) of MAPA-GT in {close}/{total} cells; "
-                  f"MAPA-naive worse by more than that in {worse}/{total}. Verdict: {_verdict(frac)}.")
+                  f"MAPA-naive worse by more than that in {worse}/{total}. "
+                  f"Verdict: {_verdict(frac, below_budget(prof))}.")
 
 
 def claim_c(rep: Report, passes, prof: Profile) -> None:
@@ -294,7 +329,8 @@ def claim_d(rep: Report, datasets: dict[str, Dataset], figs, fig_dir: Path) -> N
                   f"{ok}/{len(rows)} data sets. Verdict: {_verdict(ok / len(rows) if rows else 0.0)}.")
 
 
-def claim_e(rep: Report, datasets: dict[str, Dataset], best, out: Path, figs, fig_dir: Path) -> None:
+def claim_e(rep: Report, datasets: dict[str, Dataset], best, out: Path, figs, fig_dir: Path,
+            budget: str | None = None) -> None:
     rep.heading("(e) q(i | n) tracks the posterior of two decoders with the same p(x) equally well")
     rows, ok = [], 0
     for d in ("absolute-value", "circle"):
@@ -321,5 +357,5 @@ def claim_e(rep: Report, datasets: dict[str, Dataset], best, out: Path, figs, fi
     rep.table(["data", "VAE variant's test KL", "KL[p_GT(i|x) ‖ q]", "KL[p_VAE(i|x) ‖ q]", "ratio"], rows)
     rep.paragraph("Equally well means the ratio lies in [0.5, 2]; the VAE variant must itself fit p(x) "
                   f"(its test KL is shown). Holds on {ok}/{len(rows)}. "
-                  f"Verdict: {_verdict(ok / len(rows) if rows else 0.0)}.")
+                  f"Verdict: {_verdict(ok / len(rows) if rows else 0.0, budget)}.")
 

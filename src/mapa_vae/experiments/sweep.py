@@ -171,7 +171,7 @@ def run_job(job: Job, store: Path, cache_dir: str | None, save_model: bool) -> d
     t0 = time.perf_counter()
     try:
         out = store / "models" / job.key if save_model else None
-        result = train(job.config(cache_dir), out, progress=False)
+        result = train(job.config(cache_dir), out, progress=False, overwrite=True)  # a rerun job
         record.update(status="done", metrics=result.metrics)
     except Exception as e:  # a failed job is reported, never fatal to the sweep
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -1,37 +1,41 @@
 """One readable training loop, with best-on-validation selection and resumable checkpoints.
 
-``train(config, out_dir)`` does, in order: load the data; build the method's model and
-objective; for each epoch, for each batch, evaluate the bound, step the optimizer on its
-negative mean; every ``eval_every`` epochs score the validation set under ``no_grad``, keep the
-best weights and write a checkpoint; then finalize (MAPA: the copula prior), evaluate on the
-test set (test KL when the ground truth is known) and write the run directory:
+``train(config, out_dir)`` reads top to bottom: load the data; build the method's model,
+objective and optimizer; for each epoch, for each batch, evaluate the bound and step the
+optimizer on its negative mean; every ``eval_every`` epochs score the validation set under
+``no_grad``, keep the best weights and write a :class:`~mapa_vae.training.checkpoint.Checkpoint`;
+then finalize (MAPA: the copula prior), evaluate on the test set (test KL when the ground truth
+is known), judge whether a usable model came out, and write the run directory:
 
-- ``config.json``: the full :class:`TrainConfig` plus the data dimension;
+- ``config.json``: the full :class:`TrainConfig`, the data dimension and the split sizes used;
 - ``model.pt``: the final generative model's weights (safe to load: tensors only);
 - ``trained.pt``: the weights as trained, before :meth:`~mapa_vae.methods.Method.finalize`;
-- ``checkpoint.pt``: optimizer, RNG states and progress, for ``--resume``;
-- ``metrics.json`` and ``history.json``.
+- ``checkpoint.pt``: optimizer, RNG state, progress and cumulative cost, for ``--resume``;
+- ``metrics.json`` and ``history.json`` (strict JSON: a non-finite number is ``null``).
 
 A step whose loss, decoder output or gradient is not finite is skipped (the weights and the
-optimizer state do not change) and counted in ``metrics.json``; a checkpoint never holds a
-non-finite tensor. ``--resume`` refuses a checkpoint written under another configuration (only
-``epochs`` and ``cache_dir`` may change), and the result files carry their config, so a model
-file left by an earlier or interrupted run is never read as this run's. ``config.json`` is
-written last, with the results: an interrupted run leaves the previous complete run readable.
+optimizer state do not change) and counted; a checkpoint never holds a non-finite tensor. A run
+with no usable model (see :func:`diagnose`) is still written, then :class:`NoUsableModel` is
+raised (the CLI exits 3). The run directory is locked while a run writes it, and a finished or
+interrupted run is replaced only with ``overwrite=True``. ``config.json`` is written last, with
+the results: an interrupted run leaves the previous complete run readable.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -40,16 +44,22 @@ from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS
 from ..data.loading import load_dataset
-from ..errors import MapaError
+from ..errors import MapaError, NoUsableModel
 from ..evaluation.likelihood import test_kl
 from ..methods.base import Architecture, Method
 from ..models.latent import LatentVariableModel
-from ..models.likelihoods import make_likelihood
-from ..registry import METHODS
-from ..storage import load_tensors, save_tensors, write_json
+from ..models.likelihoods import Likelihood, make_likelihood
+from ..registry import BATCHINGS, METHODS
+from ..storage import save_tensors, write_json
+from .checkpoint import RESUMABLE, Checkpoint, config_json
 from .distributed import init_parallel, resolve_device
 
-__all__ = ["TrainResult", "evaluate_final", "train"]
+__all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "epoch_batches", "evaluate_final",
+           "train"]
+
+MAX_SKIPPED_FRACTION = 0.9  # more of the steps skipped as non-finite: no usable model
+FLOOR_FACTOR = 10.0  # a model below null - 10·max(1, |null|) nats is no usable model
+COLLAPSE_FACTOR = 10.0  # a last validation below best - 10·max(1, |best|) is a collapse
 
 
 @dataclass
@@ -62,12 +72,331 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
+          resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Train ``cfg.method`` on ``cfg.data``; write the run to ``out_dir`` if given.
+
+    ``resume`` continues ``out_dir/checkpoint.pt``; ``overwrite`` replaces a run already there
+    (without either, a folder holding a run is refused). Raises :class:`NoUsableModel`, after
+    writing the run, when no usable model came out.
+    """
+    method: Method = METHODS[cfg.method]
+    method.check(cfg)
+    say = _announcer(progress, f"{cfg.method} {cfg.data}")
+    # --- data
+    data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
+    lik_config = _likelihood_config(cfg, data)
+    likelihood = make_likelihood(lik_config)
+    _check_data(likelihood, data, cfg.data)
+    par = init_parallel(cfg.device)
+    device = resolve_device(cfg.device, par.local_rank)
+    out = Path(out_dir) if out_dir is not None and par.main else None  # only rank 0 writes
+    saved = _SavedEpoch(out)  # what an interrupt tells the user to --resume from
+    with _threads(cfg.threads), _run_directory(out, resume, overwrite), saved:
+        _seed_everything(cfg.seed)
+        train_x, val_x = data.train.to(device, torch.float32), data.val.to(device, torch.float32)
+        # --- model, objective, optimizer
+        model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg)
+        model = model.to(device, torch.float32)
+        objective = method.objective(model, train_x, cfg, data)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        state = Checkpoint(model.state_dict(), opt.state_dict(), copy.deepcopy(model.state_dict()),
+                           torch.get_rng_state(), config_json(cfg, RESUMABLE))
+        if resume:
+            state = _resume(out, cfg, model, opt)
+        objective.passes.reset()
+        for name, count in state.passes.items():  # cumulative over the run's earlier parts
+            setattr(objective.passes, name, count)
+        watch = _DecoderWatch(model)
+        clock = time.perf_counter() - state.train_seconds  # cumulative too
+        saved.epoch = state.epoch if resume else None
+        bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
+                   disable=not (progress and par.main), initial=state.epoch, total=cfg.epochs,
+                   leave=False)
+        try:
+            for epoch in bar:
+                # --- one epoch of steps
+                model.train()
+                bound_sum = 0.0
+                for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # random: epoch_batches
+                    local = par.shard(index).to(device)  # this process's share of the global batch
+                    watch.clear()
+                    bound = objective(model, train_x[local], local)
+                    loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
+                    state.steps += 1
+                    if not par.all_true(watch.finite(loss), device):
+                        state.skipped += 1  # skip the step and count it; weights stay as they were
+                        continue
+                    opt.zero_grad()
+                    loss.backward()
+                    par.sum_gradients(model)
+                    if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
+                        opt.zero_grad()
+                        state.skipped += 1
+                        continue
+                    opt.step()
+                    bound_sum += float(bound.value.detach().sum())
+                record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / train_x.shape[0]}
+                validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                # --- validate under no_grad, keep the best, checkpoint
+                weights_finite = False
+                if validate:
+                    model.eval()
+                    with torch.no_grad():
+                        val = method.validation_log_likelihood(model, val_x, train_x, cfg)
+                    record["val_log_lik"] = state.last_val = val
+                    weights_finite = _finite(model.state_dict())
+                    if val > state.best_val and weights_finite:
+                        state.best_val, state.best_epoch = val, epoch + 1
+                        state.best_model = copy.deepcopy(model.state_dict())
+                    bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
+                state.history.append(record)
+                state.epoch = epoch + 1
+                if validate and out is not None and weights_finite:
+                    state.model, state.optimizer = model.state_dict(), opt.state_dict()
+                    state.torch_rng = torch.get_rng_state()
+                    writing = time.perf_counter()
+                    state.train_seconds = writing - clock
+                    state.passes = dataclasses.asdict(objective.passes)
+                    state.save(out / "checkpoint.pt")
+                    clock += time.perf_counter() - writing  # writing files is not training
+                    saved.epoch = state.epoch
+        finally:
+            watch.remove()
+            bar.close()
+        state.train_seconds = time.perf_counter() - clock
+        if not par.main:  # the other replicas are done: rank 0 finalizes, evaluates and writes
+            par.close()
+            return TrainResult(cfg, model, model, data, {}, state.history)
+        par.close()
+
+        # --- finalize and evaluate the best weights, judge them, write the run
+        model.load_state_dict(state.best_model)
+        model = model.cpu().eval()  # finalizing and evaluating are cheap, and exact, on the CPU
+        metrics: dict[str, Any] = {
+            "method": cfg.method,
+            "data": cfg.data,
+            **method.metrics(cfg),
+            "n_train": data.train.shape[0], "n_val": data.val.shape[0], "n_test": data.test.shape[0],
+            "epochs": cfg.epochs,
+            "best_epoch": state.best_epoch,
+            "best_val_selection_score": state.best_val,
+            "last_val_selection_score": state.last_val,
+            "steps": state.steps,
+            "skipped_steps": state.skipped,
+            "train_seconds": state.train_seconds,
+            "seconds_per_epoch": state.train_seconds / max(1, state.epoch),
+            "passes_per_point_per_step": objective.passes.per_point(),
+        }
+        null = _null_decoder_log_lik(likelihood, data.val)
+        problem = diagnose(state, null)
+        final, trained = model, model
+        if problem is None:  # finalizing and evaluating a model that is not there is wasted time
+            if type(method).finalize is not Method.finalize:  # MAPA: fit the prior to the codes
+                say("finalizing the model (fitting its prior)")
+            t1 = time.perf_counter()
+            final, info = method.finalize(model, train_x.cpu(), cfg)
+            metrics.update(prior_seconds=time.perf_counter() - t1, **info)
+            say(f"evaluating on {data.val.shape[0]} validation and {data.test.shape[0]} test points")
+            metrics.update(evaluate_final(method, final, data, cfg.test_grid))
+            problem = diagnose(state, null, final_val=metrics["val_log_lik"])
+        metrics["usable"] = problem is None
+        metrics["problem"] = problem
+        metrics["warnings"] = _warnings(state)
+        for warning in metrics["warnings"]:
+            print(f"mapa-vae: warning: {warning}", file=sys.stderr, flush=True)
+        if out is not None:  # config.json last: until then an earlier complete run stays readable
+            tag = config_json(cfg)
+            if problem is None:
+                save_tensors(out / "model.pt", {"model": final.state_dict(), "config": tag})
+                save_tensors(out / "trained.pt", {"model": trained.state_dict(), "config": tag})
+            write_json(out / "metrics.json", metrics)
+            write_json(out / "history.json", state.history)
+            write_json(out / "config.json", {
+                **dataclasses.asdict(cfg), "data_dim": data.dim, "likelihood_config": lik_config,
+                "data_sizes": {k: metrics[k] for k in ("n_train", "n_val", "n_test")}})
+        result = TrainResult(cfg, final, trained, data, metrics, state.history)
+        if problem is not None:
+            where = ""
+            if out is not None and saved.epoch is not None:
+                where = (f"; {out / 'checkpoint.pt'} (epoch {saved.epoch}, best epoch "
+                         f"{state.best_epoch}) is kept")
+            raise NoUsableModel(f"{cfg.method} on {cfg.data}: no usable model: {problem}{where}",
+                                result)
+        return result
+
+
+def epoch_batches(n: int, batch_size: int) -> list[torch.Tensor]:
+    """One epoch's batches: a permutation of ``0..n-1`` from the global torch RNG, cut in order
+    (drawn the same way on a resumed run, so it continues bit for bit)."""
+    return list(torch.randperm(n).split(batch_size))
+
+
+def diagnose(state: Checkpoint, null_log_lik: float, final_val: float | None = None) -> str | None:
+    """Why no usable model came out of a run, with the numbers; ``None`` when one did.
+
+    - at least :data:`MAX_SKIPPED_FRACTION` of the steps were skipped as non-finite;
+    - no validation score was finite (``best_epoch`` is -1);
+    - the best validation score, or the final model's (``final_val``), is not finite or lies more
+      than ``FLOOR_FACTOR · max(1, |null|)`` nats below ``null_log_lik``, the score of a decoder
+      whose output is all zeros (no model that learned anything does worse).
+    """
+    if state.steps and state.skipped >= MAX_SKIPPED_FRACTION * state.steps:
+        return (f"{state.skipped} of {state.steps} steps were skipped as non-finite "
+                "(a loss, decoder output or gradient was NaN or infinite)")
+    if state.best_epoch < 0:
+        return f"no finite validation score in {len(state.history)} epochs"
+    floor = null_log_lik - FLOOR_FACTOR * max(1.0, abs(null_log_lik))
+    for what, value in (("best validation", state.best_val), ("final validation", final_val)):
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            return f"the {what} log-likelihood is {value}"
+        if value < floor:
+            return (f"the {what} log-likelihood {value:.4g} nats is far below {null_log_lik:.4g}, "
+                    f"the score of a decoder that outputs zeros (floor {floor:.4g})")
+    return None
+
+
+def _warnings(state: Checkpoint) -> list[str]:
+    """Problems of a run that still gave a usable model: a validation collapse after the best."""
+    best, last = state.best_val, state.last_val
+    if last is None or not math.isfinite(best):
+        return []
+    if not math.isfinite(last) or last < best - COLLAPSE_FACTOR * max(1.0, abs(best)):
+        return [f"validation collapsed to {last:.4g} after its best {best:.4g} at epoch "
+                f"{state.best_epoch}; the best epoch's weights are the model"]
+    return []
+
+
+def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
+    """Validation / test log-likelihood of the final model, and the test KL when known."""
+    t = time.perf_counter()
+    out: dict[str, Any] = {
+        "val_log_lik": float(method.log_likelihood(model, data.val, grid).mean()),
+    }
+    if data.truth is not None:
+        kl = test_kl(data.truth.model, model, data.test, grid,
+                     log_lik_model=method.log_likelihood(model, data.test, grid))
+        out.update(test_log_lik=kl.log_lik_model, test_log_lik_truth=kl.log_lik_truth,
+                   test_kl=kl.kl, test_kl_stderr=kl.stderr)
+    else:
+        out["test_log_lik"] = float(method.log_likelihood(model, data.test, grid).mean())
+    out["eval_seconds"] = time.perf_counter() - t
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop's helpers
+
+
+def _resume(out: Path | None, cfg: TrainConfig, model: torch.nn.Module,
+            opt: torch.optim.Optimizer) -> Checkpoint:
+    """Load ``out/checkpoint.pt`` into the model, optimizer and torch RNG."""
+    if out is None or not (out / "checkpoint.pt").exists():
+        raise MapaError(f"--resume: no checkpoint in {out}")
+    path = out / "checkpoint.pt"
+    state = Checkpoint.load(path, cfg)
+    try:
+        model.load_state_dict(state.model)
+        opt.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.torch_rng)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MapaError(f"{path}: does not fit this run ({first})") from None
+    return state
+
+
+@contextmanager
+def _run_directory(out: Path | None, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out``'s lock for the whole run; refuse to replace a run there unless asked."""
+    if out is None:
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MapaError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    lock = filelock.FileLock(str(out / ".train.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise MapaError(f"{out}: another train is writing to this run directory; wait for it to "
+                        "finish or choose another --out") from None
+    try:
+        if not (resume or overwrite):
+            if (out / "config.json").exists():
+                raise MapaError(f"{out} holds a finished run; --overwrite replaces it, --resume "
+                                "continues it")
+            if (out / "checkpoint.pt").exists():
+                raise MapaError(f"{out} holds an interrupted run (checkpoint.pt); --resume "
+                                "continues it, --overwrite starts again")
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (0: leave torch's setting), restored afterwards."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0 and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+class _SavedEpoch:
+    """The epoch of the last checkpoint written; an interrupt leaves it on the exception
+    (``saved_epoch``, ``run_dir``) for the command line to name in its message."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.epoch: int | None = None
+
+    def __enter__(self) -> _SavedEpoch:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            error.saved_epoch, error.run_dir = self.epoch, self.out  # type: ignore[attr-defined]
+
+
+def _announcer(progress: bool, prefix: str):
+    """A function printing one line per phase (to stderr) when ``progress`` is on."""
+    def say(text: str) -> None:
+        if progress:
+            print(f"{prefix}: {text}…", file=sys.stderr, flush=True)
+    return say
+
+
+class _DecoderWatch:
+    """Records, per training forward, whether the decoder network's output is finite."""
+
+    def __init__(self, model: LatentVariableModel) -> None:
+        self.flags: list[torch.Tensor] = []
+        self.hook = model.decoder.net.register_forward_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if module.training and torch.is_grad_enabled():
+            self.flags.append(torch.isfinite(output).all())  # no device sync here
+
+    def clear(self) -> None:
+        self.flags.clear()
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        return bool(torch.stack([torch.isfinite(loss), *self.flags]).all())
+
+    def remove(self) -> None:
+        self.hook.remove()
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002  (seeds user code that uses the legacy global RNG)
     torch.manual_seed(seed)
-
 
 
 def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -87,201 +416,28 @@ def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
     return {"name": name, "rho": cfg.rho}
 
 
+def _check_data(likelihood: Likelihood, data: Dataset, name: str) -> None:
+    """The likelihood's checks on the data: a user's file in its own row order (so errors name
+    its rows), a built-in set split by split."""
+    full = data.unsplit()
+    if full is not None:
+        likelihood.check_data(full, name)
+        return
+    for split, x in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        likelihood.check_data(x, f"{name} ({split})")
+
+
+@torch.no_grad()
+def _null_decoder_log_lik(likelihood: Likelihood, x: torch.Tensor) -> float:
+    """Mean ``log p(x | params = 0)``: a decoder that outputs zeros, which any model should beat."""
+    log_p = likelihood(torch.zeros_like(x)).log_prob(x)
+    return float(log_p.reshape(x.shape[0], -1).sum(-1).mean())
+
+
 def _finite(state: dict[str, torch.Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
 
 
 def _grads_finite(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-
-
-
-# Fields that may differ between a checkpoint and the run that resumes it.
-_RESUMABLE = ("epochs", "cache_dir", "device", "threads")
-
-
-
-def _config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device", "threads")) -> str:
-    """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-
-def _check_resumable(ck: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    if "config" not in ck:  # a checkpoint from before configs were stored
-        return
-    try:
-        before = json.loads(ck["config"])
-    except (TypeError, ValueError):
-        raise MapaError(f"{path}: not a mapa-vae checkpoint (unreadable config)") from None
-    now = json.loads(_config_json(cfg, drop=_RESUMABLE))
-    changed = sorted(k for k in set(before) | set(now)
-                     if k not in _RESUMABLE and before.get(k) != now.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
-        raise MapaError(f"--resume: {path} was written with another configuration ({diffs}); "
-                        "only --epochs may change")
-
-
-
-def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True,
-          resume: bool = False) -> TrainResult:
-    """Train ``cfg.method`` on ``cfg.data``; write the run to ``out_dir`` if given."""
-    out = Path(out_dir) if out_dir is not None else None
-    method: Method = METHODS[cfg.method]
-    method.check(cfg)
-    data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
-    lik_config = _likelihood_config(cfg, data)
-    likelihood = make_likelihood(lik_config)
-    full = data.unsplit()  # a user's file: check it in its own row order, so rows mean its rows
-    checks = [(full, cfg.data)] if full is not None else [
-        (x, f"{cfg.data} ({split})")
-        for split, x in (("train", data.train), ("validation", data.val), ("test", data.test))
-    ]
-    for x, where in checks:
-        likelihood.check_data(x, where)
-    del full, checks
-    par = init_parallel(cfg.device)
-    device = resolve_device(cfg.device, par.local_rank)
-    out = out if par.main else None  # only rank 0 writes
-    _seed_everything(cfg.seed)
-    dtype = torch.float32
-    train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
-    model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg).to(device, dtype)
-    objective = method.objective(model, train_x, cfg, data)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-    start_epoch, best_val, best_epoch, skipped = 0, -math.inf, -1, 0
-    best_state = copy.deepcopy(model.state_dict())
-    history: list[dict[str, float]] = []
-    if resume:
-        if out is None or not (out / "checkpoint.pt").exists():
-            raise MapaError(f"--resume: no checkpoint in {out}")
-        ck = load_tensors(out / "checkpoint.pt")
-        _check_resumable(ck, cfg, out / "checkpoint.pt")
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            best_state, best_val, best_epoch = ck["best_model"], ck["best_val"], ck["best_epoch"]
-            start_epoch, skipped, history = ck["epoch"], ck["skipped"], ck["history"]
-            torch.set_rng_state(ck["torch_rng"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise MapaError(f"{out / 'checkpoint.pt'}: does not fit this run ({first})") from None
-
-    n = train_x.shape[0]
-    decoder_finite: list[torch.Tensor] = []  # per training forward: is the decoder output finite?
-
-    def watch_decoder(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if module.training and torch.is_grad_enabled():
-            decoder_finite.append(torch.isfinite(output).all())  # no device sync here
-
-    hook = model.decoder.net.register_forward_hook(watch_decoder)
-    objective.passes.reset()
-    t0 = time.perf_counter()
-    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
-               disable=not (progress and par.main), initial=start_epoch, total=cfg.epochs, leave=False)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(n)
-        bound_sum = 0.0
-        for start in range(0, n, cfg.batch_size):
-            index = perm[start : start + cfg.batch_size]
-            local = par.shard(index).to(device)  # this process's share of the global batch
-            decoder_finite.clear()
-            bound = objective(model, train_x[local], local)
-            loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
-            ok = bool(torch.stack([torch.isfinite(loss), *decoder_finite]).all())
-            if not par.all_true(ok, device):
-                skipped += 1  # policy: skip the step and count it; weights stay as they were
-                continue
-            opt.zero_grad()
-            loss.backward()
-            par.sum_gradients(model)
-            if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
-                opt.zero_grad()
-                skipped += 1
-                continue
-            opt.step()
-            bound_sum += float(bound.value.detach().sum())
-        record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / n}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            model.eval()
-            with torch.no_grad():
-                val = method.validation_log_likelihood(model, val_x, train_x, cfg)
-            record["val_log_lik"] = val
-            finite = _finite(model.state_dict())
-            if val > best_val and finite:
-                best_val, best_epoch = val, epoch + 1
-                best_state = copy.deepcopy(model.state_dict())
-            bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
-            history.append(record)
-            if out is not None and finite:
-                save_tensors(out / "checkpoint.pt", {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "best_model": best_state, "best_val": best_val, "best_epoch": best_epoch,
-                    "epoch": epoch + 1, "skipped": skipped, "history": history,
-                    "torch_rng": torch.get_rng_state(), "config": _config_json(cfg, _RESUMABLE),
-                })
-        else:
-            history.append(record)
-    hook.remove()
-    train_seconds = time.perf_counter() - t0
-    bar.close()
-
-    if not par.main:  # the other replicas are done: rank 0 finalizes, evaluates and writes
-        par.close()
-        return TrainResult(cfg, model, model, data, {}, history)
-    par.close()
-    model.load_state_dict(best_state)
-    model = model.cpu().eval()  # finalizing and evaluating are cheap, and exact, on the CPU
-    t1 = time.perf_counter()
-    final, info = method.finalize(model, train_x.cpu(), cfg)
-    prior_seconds = time.perf_counter() - t1
-    metrics: dict[str, Any] = {
-        "method": cfg.method,
-        "data": cfg.data,
-        **method.metrics(cfg),
-        "epochs": cfg.epochs,
-        "best_epoch": best_epoch,
-        "best_val_selection_score": best_val,
-        "skipped_steps": skipped,
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / max(1, cfg.epochs - start_epoch),
-        "prior_seconds": prior_seconds,
-        "passes_per_point_per_step": objective.passes.per_point(),
-        **info,
-    }
-    metrics.update(evaluate_final(method, final, data, cfg.test_grid))
-    trained = model
-    if out is not None:  # config.json last: until then an earlier complete run stays readable
-        tag = _config_json(cfg)
-        save_tensors(out / "model.pt", {"model": final.state_dict(), "config": tag})
-        save_tensors(out / "trained.pt", {"model": trained.state_dict(), "config": tag})
-        write_json(out / "metrics.json", metrics)
-        write_json(out / "history.json", history)
-        write_json(out / "config.json", {**dataclasses.asdict(cfg), "data_dim": data.dim,
-                                         "likelihood_config": lik_config})
-    return TrainResult(cfg, final, trained, data, metrics, history)
-
-
-
-def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
-    """Validation / test log-likelihood of the final model, and the test KL when known."""
-    t = time.perf_counter()
-    out: dict[str, Any] = {
-        "val_log_lik": float(method.log_likelihood(model, data.val, grid).mean()),
-    }
-    if data.truth is not None:
-        kl = test_kl(data.truth.model, model, data.test, grid,
-                     log_lik_model=method.log_likelihood(model, data.test, grid))
-        out.update(test_log_lik=kl.log_lik_model, test_log_lik_truth=kl.log_lik_truth,
-                   test_kl=kl.kl, test_kl_stderr=kl.stderr)
-    else:
-        out["test_log_lik"] = float(method.log_likelihood(model, data.test, grid).mean())
-    out["eval_seconds"] = time.perf_counter() - t
-    return out
-

@@ -1,23 +1,8 @@
-"""One readable training loop, with best-on-validation selection and resumable checkpoints.
+"""A trained run rebuilt from its folder alone: ``config.json`` names the architecture and the
+likelihood, ``model.pt`` / ``trained.pt`` hold the weights, tied to that config.
 
-``train(config, out_dir)`` does, in order: load the data; build the method's model and
-objective; for each epoch, for each batch, evaluate the bound, step the optimizer on its
-negative mean; every ``eval_every`` epochs score the validation set under ``no_grad``, keep the
-best weights and write a checkpoint; then finalize (MAPA: the copula prior), evaluate on the
-test set (test KL when the ground truth is known) and write the run directory:
-
-- ``config.json``: the full :class:`TrainConfig` plus the data dimension;
-- ``model.pt``: the final generative model's weights (safe to load: tensors only);
-- ``trained.pt``: the weights as trained, before :meth:`~mapa_vae.methods.Method.finalize`;
-- ``checkpoint.pt``: optimizer, RNG states and progress, for ``--resume``;
-- ``metrics.json`` and ``history.json``.
-
-A step whose loss, decoder output or gradient is not finite is skipped (the weights and the
-optimizer state do not change) and counted in ``metrics.json``; a checkpoint never holds a
-non-finite tensor. ``--resume`` refuses a checkpoint written under another configuration (only
-``epochs`` and ``cache_dir`` may change), and the result files carry their config, so a model
-file left by an earlier or interrupted run is never read as this run's. ``config.json`` is
-written last, with the results: an interrupted run leaves the previous complete run readable.
+:func:`load_run` refuses weights written by another run than the folder's config (an interrupted
+or concurrent run), and a run whose ``metrics.json`` says it produced no usable model.
 """
 
 from __future__ import annotations
@@ -32,7 +17,7 @@ from ..models.latent import LatentVariableModel
 from ..models.likelihoods import make_likelihood
 from ..registry import METHODS
 from ..storage import load_tensors, read_json
-from .loop import _config_json
+from .checkpoint import config_json
 
 __all__ = ["Run", "load_run"]
 
@@ -73,7 +58,7 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
     arch = Architecture.from_config(cfg, data_dim)
     likelihood = make_likelihood(lik_config)
     saved = load_tensors(run / f"{which}.pt")
-    if "config" in saved and saved["config"] != _config_json(cfg):
+    if "config" in saved and saved["config"] != config_json(cfg):
         raise MapaError(f"{run / f'{which}.pt'} was written by another run than {run / 'config.json'} "
                         "(an interrupted or concurrent run?); train again or --resume")
     if "model" not in saved:

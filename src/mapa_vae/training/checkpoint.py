@@ -1,0 +1,90 @@
+"""The training checkpoint: everything ``--resume`` needs to continue a run bit for bit.
+
+A :class:`Checkpoint` holds the weights, the optimizer, the best weights so far, the torch RNG
+state, the history, and the run's cumulative cost (training seconds and network-pass counts), so
+a resumed run reports the time and passes of the whole run, not only of its last part. It also
+holds the config it was written under: :meth:`Checkpoint.load` refuses a checkpoint of another
+configuration (only ``epochs`` and where the run executes may change) and ``--epochs`` below the
+epochs already done. ``save`` and ``load`` sit side by side so the file format is read in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import MapaError
+from ..storage import load_tensors, save_tensors
+
+__all__ = ["RESUMABLE", "Checkpoint", "config_json"]
+
+# Fields that may differ between a checkpoint and the run that resumes it.
+RESUMABLE = ("epochs", "cache_dir", "device", "threads")
+
+
+def config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device", "threads")) -> str:
+    """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+@dataclass
+class Checkpoint:
+    """The state of a run after ``epoch`` epochs (a fresh run: ``epoch = 0``)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    best_model: dict[str, torch.Tensor]
+    torch_rng: torch.Tensor
+    config: str  # config_json(cfg, RESUMABLE)
+    epoch: int = 0
+    best_val: float = -math.inf
+    best_epoch: int = -1  # -1: no finite validation score yet
+    skipped: int = 0  # steps skipped as non-finite
+    steps: int = 0  # steps attempted (taken or skipped)
+    last_val: float | None = None  # the most recent validation score
+    train_seconds: float = 0.0  # cumulative over every part of the run
+    passes: dict[str, int] = field(default_factory=dict)  # cumulative PassCounter fields
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a crash leaves the previous checkpoint)."""
+        save_tensors(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: TrainConfig) -> Checkpoint:
+        """Read a checkpoint for ``cfg`` to resume; one-line errors for any mismatch."""
+        path = Path(path)
+        raw = load_tensors(path)
+        if "config" in raw:  # a checkpoint from before configs were stored is taken as it is
+            _check_resumable(raw["config"], cfg, path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            ck = cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:  # a required field is missing
+            raise MapaError(f"{path}: does not fit this run ({e})") from None
+        if ck.epoch > cfg.epochs:
+            raise MapaError(f"--resume: {path} has {ck.epoch} epochs done; --epochs {cfg.epochs} "
+                            f"is fewer (give --epochs {ck.epoch} or more)")
+        return ck
+
+
+def _check_resumable(stored: Any, cfg: TrainConfig, path: Path) -> None:
+    try:
+        before = json.loads(stored)
+    except (TypeError, ValueError):
+        raise MapaError(f"{path}: not a mapa-vae checkpoint (unreadable config)") from None
+    now = json.loads(config_json(cfg, drop=RESUMABLE))
+    changed = sorted(k for k in set(before) | set(now)
+                     if k not in RESUMABLE and before.get(k) != now.get(k))
+    if changed:
+        diffs = ", ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
+        raise MapaError(f"--resume: {path} was written with another configuration ({diffs}); "
+                        "only --epochs may change")
