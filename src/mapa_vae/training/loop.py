@@ -312,11 +312,14 @@ def _run_directory(out: Path | None, resume: bool, overwrite: bool) -> Iterator[
     if out is None:
         yield
         return
+    existed = out.exists()
+    was_empty = not existed or not any(out.iterdir())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MapaError(f"{out}: cannot create the run directory ({e.strerror})") from None
-    lock = filelock.FileLock(str(out / ".train.lock"), timeout=0)
+    lock_path = out / ".train.lock"
+    lock = filelock.FileLock(str(lock_path), timeout=0)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -331,6 +334,15 @@ def _run_directory(out: Path | None, resume: bool, overwrite: bool) -> Iterator[
                 raise MapaError(f"{out} holds an interrupted run (checkpoint.pt); --resume "
                                 "continues it, --overwrite starts again")
         yield
+    except BaseException:
+        # refused before anything was written (a bad config found while building, say): leave
+        # the folder as it was, not holding a stray lock file
+        if was_empty and [f.name for f in out.iterdir()] == [lock_path.name]:
+            lock.release()
+            lock_path.unlink(missing_ok=True)
+            if not existed:
+                out.rmdir()
+        raise
     finally:
         lock.release()
 
