@@ -1,9 +1,13 @@
 """mapa-vae: train deep latent-variable models with MAPA, beside VAE and IWAE baselines.
 
-The modules follow the paper: :mod:`~mapa_vae.kernels` and :mod:`~mapa_vae.posterior` (the
-model-agnostic posterior over indices, Eq. 8), :mod:`~mapa_vae.objectives` (one class per bound),
-:mod:`~mapa_vae.models`, :mod:`~mapa_vae.priors` (the copula prior), :mod:`~mapa_vae.evaluation`
-(quadrature log-likelihood, test KL), :mod:`~mapa_vae.training` and :mod:`~mapa_vae.cli`.
+The sub-packages follow the paper: :mod:`~mapa_vae.data` (the ground-truth curves, images, a
+user's files), :mod:`~mapa_vae.kernels` and :mod:`~mapa_vae.inference` (the posterior over
+indices of Eq. 8 — exact, approximate, cached — and the bounds, one class each),
+:mod:`~mapa_vae.models` (networks, likelihoods, priors), :mod:`~mapa_vae.methods` (what each
+method trains and how it ends), :mod:`~mapa_vae.training` (the loop, runs, torchrun),
+:mod:`~mapa_vae.evaluation` (quadrature, importance sampling, test KL) and
+:mod:`~mapa_vae.experiments` (compare, reproduce, figures, report); :mod:`~mapa_vae.config` holds
+the one training config and :mod:`~mapa_vae.registry` the registry of every named choice.
 """
 
 from .config import TrainConfig
@@ -27,6 +31,7 @@ from .experiments.reproduce import reproduce
 from .inference.cache import cached_posterior
 from .inference.engines import build_posterior, concat_rows
 from .inference.exact import compute_posterior, ground_truth_posterior
+from .inference.gp_bound import DoublyStochasticGPBound
 from .inference.neighbours import IndexParams, NeighbourIndex
 from .inference.objectives import ELBO, IWAE, MAPA, Autoencoder, Bound, EmpiricalLogLikelihood, Objective
 from .inference.posterior import MapaPosterior, uniform_posterior
@@ -35,6 +40,7 @@ from .kernels import BernoulliKernel, GaussianKernel, Kernel
 from .methods.base import Method
 from .models.code_priors import CodePrior, FlowPrior, MixturePrior, build_code_prior, fit_code_prior
 from .models.copula import copula_codes, fit_copula_prior
+from .models.gp import GPNet, GPPredictiveLikelihood, build_vae_dgp
 from .models.latent import CodeEncoder, Decoder, GaussianEncoder, LatentVariableModel, Prior, StandardNormal
 from .models.likelihoods import (
     BernoulliLikelihood,
@@ -72,8 +78,11 @@ __all__ = [
     "ConvEncoderNet",
     "Dataset",
     "Decoder",
+    "DoublyStochasticGPBound",
     "EmpiricalLogLikelihood",
     "FlowPrior",
+    "GPNet",
+    "GPPredictiveLikelihood",
     "GaussianEncoder",
     "GaussianKernel",
     "GaussianLikelihood",
@@ -98,6 +107,7 @@ __all__ = [
     "build_code_prior",
     "build_networks",
     "build_posterior",
+    "build_vae_dgp",
     "cached_posterior",
     "check_array",
     "compare",

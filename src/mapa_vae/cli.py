@@ -2,7 +2,8 @@
 
 Every user error (bad file, bad value, unknown name) is printed as one line,
 ``mapa-vae: error: …``, and the command exits with status 2; a system error (disk full, I/O
-error) is one such line too, with status 1.
+error) is one such line too, with status 1; a ``train`` that produced no usable model (every step
+non-finite, say) writes its run, says why in one line and exits with status 3.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .data.groundtruth import (
     surrogate_mse,
 )
 from .data.images import IMAGE_DATASETS
+from .data.mnist import load_binarized_mnist
 from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
 from .experiments.reproduce import reproduce
@@ -127,6 +129,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ..
         if getattr(base, "__origin__", None) is tuple:
             kwargs.update(type=int, nargs=3 if f.name == "image_shape" else "+")
             shown = " ".join(map(str, default)) if default is not None else "none"
+        elif base is bool:  # --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction
+            shown = "on" if default else "off"
         else:
             kwargs["type"] = base
             shown = "none" if default is None else f"{default:g}" if isinstance(default, float) else default
@@ -169,13 +174,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     run = load_run(args.run)
     model = run.model.to(resolve_device(args.device))
-    x = torch.from_numpy(load_array(args.data, expected_dim=run.data_dim))
+    x = _evaluation_points(args.data, run.data_dim)
     model.decoder.likelihood.check_data(x, args.data)
     torch.manual_seed(args.seed)
     lp, how = METHODS[run.config.method].evaluate(model, x, args.grid, args.samples)
     if args.per_point:
         _save_npy(args.per_point, lp.numpy())
     print(f"mean test log-likelihood: {float(lp.mean()):.4f} nats over {x.shape[0]} points ({how})")
+
+
+def _evaluation_points(path: str, dim: int) -> torch.Tensor:
+    """The points ``evaluate`` scores: a ``.npy`` / ``.csv`` file, or the test split of a
+    binarized-MNIST ``.npz`` (:mod:`~mapa_vae.data.mnist`)."""
+    if Path(path).suffix.lower() != ".npz":
+        return torch.from_numpy(load_array(path, expected_dim=dim))
+    x = load_binarized_mnist(path).test
+    if x.shape[1] != dim:
+        raise MapaError(f"{path}: its test split has {x.shape[1]} columns but the model was "
+                        f"trained on {dim}")
+    return x
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -248,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = add("evaluate", help="mean log-likelihood of a data file under a trained model",
                        description="log p(x) by quadrature (1-D latent) or importance sampling.")
     e.add_argument("run", help="run directory written by `mapa-vae train`")
-    e.add_argument("--data", required=True, help=".npy or .csv file of points")
+    e.add_argument("--data", required=True, help=".npy or .csv file of points, or a "
+                   "binarized-MNIST .npz (its test split)")
     e.add_argument("--per-point", metavar="FILE.npy", help="also write each point's log p(x)")
     e.add_argument("--grid", type=int_at_least(2), default=2**16, help="quadrature points (1-D latent)")
     e.add_argument("--samples", type=int_at_least(1), default=1000,
@@ -301,7 +319,7 @@ def _resume_hint(e: KeyboardInterrupt) -> str:
         return ""
     epoch = getattr(e, "saved_epoch", None)
     if epoch is None:
-        return f"; no checkpoint was written to {run} yet: train again (with --overwrite)"
+        return f"; no checkpoint was written to {run} yet"
     return (f"; the checkpoint of epoch {epoch} is in {run}/checkpoint.pt: run the same command "
             "with --resume to continue from it")
 

@@ -114,17 +114,23 @@ class TrainConfig:
     top_k: int | None = knob(None, "neighbours stored per point in MAPA's table; none = all up to "
                              "2048 points, else 512", low=1)
     estimator: str = knob("naive", "IWAE's encoder gradient estimator", choices=ESTIMATORS)
-    tail: str = knob("per-point", "MAPA's S tail draws: each point's own, or one proposal shared "
-                     "by the batch (passes grow with the batch's unique atoms)", choices=TAILS)
-    batching: str = knob("random", "an epoch's batches: a random permutation, or points near each "
-                         "other (random projection tree; fewer unique atoms per MAPA batch)",
-                         choices=BATCHINGS)
     # --- sigmoid belief networks (--method sbn)
     layers: tuple[int, ...] = knob((200,), "SBN: Bernoulli units per stochastic layer, bottom first, "
                                    "top last (e.g. 200 200 200)", low=1)
     sbn_hidden: tuple[int, ...] | None = knob(None, "SBN: widths of a deterministic MLP (--activation) "
                                               "inside every conditional; none = linear (classic SBN)",
                                               low=1)
+    tail: str = knob("per-point", "MAPA's S tail draws: each point's own, or one proposal shared "
+                     "by the batch (passes grow with the batch's unique atoms)", choices=TAILS)
+    batching: str = knob("random", "an epoch's batches: a random permutation, or points near each "
+                         "other (random projection tree; fewer unique atoms per MAPA batch)",
+                         choices=BATCHINGS)
+    # --- the VAE-DGP's Gaussian-process decoder (--method vae-dgp)
+    gp_layers: int = knob(1, "vae-dgp: GP layers in the decoder (2: through a hidden GP layer)",
+                          low=1, high=2)
+    inducing: int = knob(32, "vae-dgp: inducing points M per GP (cost O(N M²) per epoch)", low=1)
+    learn_noise: bool = knob(False, "vae-dgp: learn the Gaussian noise variance (from the data "
+                             "set's σ²) instead of fixing it")
     # --- validation, evaluation
     eval_every: int = knob(10, "epochs between validation scores and checkpoints", low=1)
     val_grid: int = knob(2**12, "quadrature points for validation (1-D latent)", low=2)
@@ -201,6 +207,10 @@ def _name(f: dataclasses.Field[Any]) -> str:
 
 def _scalar(f: dataclasses.Field[Any], tp: Any, value: Any) -> Any:
     """``value`` as type ``tp`` (int, float, str), checked against the field's range."""
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise MapaError(f"{_name(f)} must be true or false, got {value!r}")
+        return value
     kind = {int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

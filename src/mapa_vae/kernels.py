@@ -1,4 +1,4 @@
-"""Kernels ``k(x_n | x_i)`` that define the MAPA posterior over data-point indices (SPEC §2).
+"""Kernels ``k(x_n | x_i)`` that define the MAPA posterior over data-point indices (docs/design.md §2).
 
 A kernel scores how plausible it is that observation ``x_n`` was generated from the latent code
 of observation ``x_i``, using only the observation-noise model, never the decoder. Each kernel
@@ -71,7 +71,7 @@ class GaussianKernel(Kernel):
 
 
 class BernoulliKernel(Kernel):
-    """Softened Bernoulli kernel for binary data (SPEC §2, replacing the paper's Eq. 21).
+    """Softened Bernoulli kernel for binary data (docs/design.md §2, replacing the paper's Eq. 21).
 
     With ``μ_i = ρ x_i + (1 - ρ)(1 - x_i)`` (elementwise, ``ρ ∈ (0.5, 1)``):
     ``log k(x_n | x_i) = Σ_d x_n^d log μ_i^d + (1 - x_n^d) log(1 - μ_i^d)``,

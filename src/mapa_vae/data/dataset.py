@@ -1,9 +1,9 @@
-"""Data: train / validation / test splits of a ground-truth data set or of a user's file.
+"""A data set's splits and, for a built-in curve, its truth (docs/design.md §6).
 
-Built-in data sets are drawn from their ground-truth model (:mod:`mapa_vae.groundtruth`) with
-one seed, in the order train, validation, test, and carry their true latent codes. A user's
-data comes from a ``.npy`` or ``.csv`` file and is checked on the way in: every problem is one
-line naming the file and, where it can, the row and column.
+:class:`Dataset` holds train / validation / test ``(n, D)`` in float64, the ground truth and the
+true codes when they are known, and for a user's file the file row of every split row.
+Built-in curves are drawn from their ground-truth model with one seed, in the order train,
+validation, test.
 """
 
 from __future__ import annotations

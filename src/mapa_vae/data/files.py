@@ -1,9 +1,8 @@
-"""Data: train / validation / test splits of a ground-truth data set or of a user's file.
+"""A user's data from a ``.npy`` or ``.csv`` file, checked on the way in.
 
-Built-in data sets are drawn from their ground-truth model (:mod:`mapa_vae.groundtruth`) with
-one seed, in the order train, validation, test, and carry their true latent codes. A user's
-data comes from a ``.npy`` or ``.csv`` file and is checked on the way in: every problem is one
-line naming the file and, where it can, the row and column.
+Every problem is one line naming the file and, where it can, the row and column: a missing or
+unreadable file, a header in the wrong place, a non-number, a NaN or infinity, a value too large
+for float32, a ragged row, too few columns.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Image data sets (SPEC §8): handwritten digits, procedurally rendered sprites, MNIST-1D.
+"""Image data sets (docs/design.md §8): handwritten digits, procedurally rendered sprites, MNIST-1D.
 
 Every data set is a :class:`~mapa_vae.data.Dataset` of flattened images, float64 ``(n, C·H·W)``,
 with :data:`IMAGE_DATASETS` recording each one's image shape ``(C, H, W)``, the likelihood it

@@ -1,9 +1,6 @@
-"""Data: train / validation / test splits of a ground-truth data set or of a user's file.
+""":func:`load_dataset`: a data set by name (a built-in curve or image set) or from a file.
 
-Built-in data sets are drawn from their ground-truth model (:mod:`mapa_vae.groundtruth`) with
-one seed, in the order train, validation, test, and carry their true latent codes. A user's
-data comes from a ``.npy`` or ``.csv`` file and is checked on the way in: every problem is one
-line naming the file and, where it can, the row and column.
+A file is shuffled with the seed and split 80 / 10 / 10 into train, validation and test.
 """
 
 from __future__ import annotations

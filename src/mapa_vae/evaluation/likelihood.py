@@ -1,4 +1,4 @@
-"""Evaluating a learned generative model against the ground truth (SPEC §7).
+"""Evaluating a learned generative model against the ground truth (docs/design.md §7).
 
 With a 1-D latent and a standard-normal prior, ``log p(x) = log ∫ p(x | f(z)) φ(z) dz`` is an
 integral over one variable. :func:`quadrature_log_likelihood` computes it with the midpoint rule

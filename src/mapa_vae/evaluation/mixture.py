@@ -1,17 +1,10 @@
-"""Evaluating a learned generative model against the ground truth (SPEC §7).
+"""The paper's own evaluator (App. C.2): an IWAE whose proposal is fitted to the fixed model.
 
-With a 1-D latent and a standard-normal prior, ``log p(x) = log ∫ p(x | f(z)) φ(z) dz`` is an
-integral over one variable. :func:`quadrature_log_likelihood` computes it with the midpoint rule
-in probability space: ``z_j = Φ⁻¹((j + ½) / M)`` carries prior mass ``1 / M`` each, so
-``log p(x) ≈ logsumexp_j log p(x | f(z_j)) - log M``. The grid is dense where the prior has
-mass (spacing ``≈ 1 / (M φ(z))``), and ``M = 2¹⁶`` resolves posteriors far narrower than any
-of the paper's data sets produce. For other latent sizes, :func:`importance_log_likelihood`
-gives an importance-sampled lower bound (in expectation) with a defensive mixture proposal, and
-:func:`mixture_proposal_log_likelihood` is the paper's own evaluator (App. C.2): an IWAE whose
-proposal, a mixture of Gaussians, is fitted to the fixed model before a large-``S`` estimate.
-
-The test KL is ``KL[p_GT ‖ p] = E_{x~p_GT}[log p_GT(x) - log p(x)]``, estimated on fresh
-ground-truth samples, with its standard error.
+A mixture of Gaussians ``r(z | x)`` (50 components by default) is fitted per data set to a trained
+model by the doubly reparameterized IWAE gradient (S = 500), sampled through the mixture's CDF so
+that the mixture weights learn too (Figurnov et al. 2018); the fitted IWAE bound with S = 20 000
+then estimates ``log p(x)``. With a 1-D latent, quadrature (:mod:`mapa_vae.evaluation.likelihood`)
+is exact and cheaper; this is offered for comparison with the paper (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -104,12 +97,12 @@ def mixture_proposal_log_likelihood(
     hidden: Sequence[int] = (50, 50, 50),
     chunk: int = 1000,
 ) -> Tensor:
-    """The paper's estimate of ``log p(x)`` ``(B,)`` for a fixed model (SPEC §7, App. C.2).
+    """The paper's estimate of ``log p(x)`` ``(B,)`` for a fixed model (docs/design.md §7, App. C.2).
 
     1. Fit a :class:`MixtureProposal` ``q(z | x)`` with ``components`` Gaussians to the fixed
        decoder and prior by maximizing the IWAE bound ``log (1/S) Σ_s p(x, z_s) / q(z_s | x)``
        with ``S = train_samples`` on ``x`` itself (Adam, ``epochs`` passes in batches of
-       ``batch_size``). The gradient is DReG's (:class:`~mapa_vae.objectives.IWAE`), which the
+       ``batch_size``). The gradient is DReG's (:class:`~mapa_vae.inference.objectives.IWAE`), which the
        mixture's implicit reparameterization makes available: the naive IWAE gradient's signal
        for ``q`` fades as ``S`` grows, and at ``S = 50`` it barely moved the proposal (measured).
     2. Estimate ``log p(x) ≈ log (1/S) Σ_s p(x, z_s) / q(z_s | x)`` with ``S = eval_samples``

@@ -20,6 +20,10 @@ from .exact import (
     compute_posterior,
     ground_truth_posterior,
 )
+from .gp_bound import (
+    DoublyStochasticGPBound,
+    gp_data_bound,
+)
 from .neighbours import (
     IndexParams,
     NeighbourIndex,
@@ -64,6 +68,7 @@ __all__ = [
     "VIMCO",
     "Autoencoder",
     "Bound",
+    "DoublyStochasticGPBound",
     "EmpiricalLogLikelihood",
     "IndexParams",
     "MapaPosterior",
@@ -71,9 +76,9 @@ __all__ = [
     "Objective",
     "PassCounter",
     "PerPointTail",
+    "Reinforce",
     "SharedTail",
     "TailProposal",
-    "Reinforce",
     "blocked_top_k",
     "build_posterior",
     "cache_params",
@@ -81,9 +86,10 @@ __all__ = [
     "compute_posterior",
     "concat_rows",
     "default_top_k",
+    "gp_data_bound",
     "ground_truth_posterior",
-    "make_tail",
     "leave_one_out_bounds",
+    "make_tail",
     "resolve_engine",
     "resolve_top_k",
     "score_function_objective",

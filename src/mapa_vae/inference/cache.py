@@ -1,17 +1,9 @@
-"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, SPEC §2–3).
+"""The on-disk cache of MAPA's posterior table (paper Eq. 8; docs/design.md §2).
 
-``q(i | n) = k(x_n | x_i) / Σ_j k(x_n | x_j)`` depends only on the data and the kernel, so it
-is computed once, in row blocks, and kept as a sparse table: for every point ``n`` the ``K``
-largest ``log q(i | n)`` with their indices, and the log of the mass left outside them. Memory
-is ``O(block·N + N·K)``; no ``N × N`` matrix exists unless ``K = N`` was asked for.
-
-The MAPA bound needs, per point, the top-``k`` indices ``B_n(k)`` (``k ≤ K``) and samples from
-the tail ``q̃_k(· | n)`` (``q`` with ``B_n(k)`` removed, renormalized). The tail proposal is
-``q`` itself on the stored entries past ``k`` and spreads the exact leftover mass uniformly over
-the ``N - K`` indices that were not stored, so it has full support and the bound stays a bound.
-
-The point itself is always stored first (``B_n(1) = {n}``), so ``k = 1, S = 0`` is the
-autoencoder term.
+``q(i | n)`` depends only on the data and the kernel, so it is computed once and reused across
+restarts, hyper-parameter searches and methods. The file name hashes the data, the kernel and its
+parameters, ``K``, the precision and the engine's settings; each file carries a digest of its own
+arrays and is written atomically; a file lock makes concurrent builders compute it once.
 """
 
 from __future__ import annotations

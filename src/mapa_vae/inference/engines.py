@@ -1,22 +1,17 @@
-"""The MAPA posterior at scale: exact blocks or an approximate neighbour index (SPEC §3, §8).
+"""How MAPA's top-``K`` table is built: by ``engine`` name (docs/design.md §3, §8).
 
-Both kernels are affine in one inner product, ``log k(x_n | x_i) = s ⟨x_n, w_i⟩ + c_i + r_n``
-(:class:`SearchForm`), which gives two ways to build the top-``K`` table ``q(i | n)``:
+Both kernels are affine in one inner product (:meth:`~mapa_vae.kernels.Kernel.search_form`),
+which gives two engines, each an entry of :data:`~mapa_vae.registry.ENGINES`:
 
-- **exact** (:func:`mapa_vae.posterior.compute_posterior`): one ``addmm`` per block of rows,
-  ``O(N² D)`` flops at matmul speed on ``device`` and ``O(block · N + N · K)`` memory;
-- **faiss** (:class:`NeighbourIndex`): the ``K`` best atoms of each point from an approximate
-  nearest-neighbour index, ``O(N · K)`` memory and sub-quadratic time, with the normalizer
-  ``Σ_j k(x_n | x_j)`` estimated from the next neighbours the search returns and a uniform
-  sample of the others (below).
+- ``exact`` (:func:`~mapa_vae.inference.exact.compute_posterior`): one ``addmm`` per block of
+  rows, ``O(N² D)`` flops at matmul speed and ``O(block · N + N · K)`` memory;
+- ``faiss`` (:class:`~mapa_vae.inference.neighbours.NeighbourIndex`): an approximate
+  nearest-neighbour index, ``O(N · K)`` memory and sub-quadratic time;
+- ``auto`` picks between them by ``N``, ``D`` and the device (:func:`resolve_engine`).
 
-:func:`build_posterior` picks between them (``engine="auto"``, rule in :func:`resolve_engine`).
-
-The approximate table is a valid MAPA proposal: SPEC §3 (paper Eq. 10) is a lower bound on
-the empiricalized log-likelihood in expectation for **any** fixed proposal with full support on
-the tail. Missed neighbours, an estimated normalizer and the uniform tail change how *tight*
-the bound is, never whether it is a bound. Full support needs a finite ``log_rest``, which the
-floor below guarantees.
+Either table is a valid MAPA proposal: the bound (paper Eq. 10) holds in expectation for any fixed
+proposal with full support on the tail, so an approximate table changes how tight it is, never
+whether it is a bound.
 """
 
 from __future__ import annotations

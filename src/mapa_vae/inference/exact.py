@@ -1,17 +1,10 @@
-"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, SPEC §2–3).
+"""The exact top-``K`` table of ``q(i | n)``, computed in row blocks (paper Eq. 7–8).
 
-``q(i | n) = k(x_n | x_i) / Σ_j k(x_n | x_j)`` depends only on the data and the kernel, so it
-is computed once, in row blocks, and kept as a sparse table: for every point ``n`` the ``K``
-largest ``log q(i | n)`` with their indices, and the log of the mass left outside them. Memory
-is ``O(block·N + N·K)``; no ``N × N`` matrix exists unless ``K = N`` was asked for.
-
-The MAPA bound needs, per point, the top-``k`` indices ``B_n(k)`` (``k ≤ K``) and samples from
-the tail ``q̃_k(· | n)`` (``q`` with ``B_n(k)`` removed, renormalized). The tail proposal is
-``q`` itself on the stored entries past ``k`` and spreads the exact leftover mass uniformly over
-the ``N - K`` indices that were not stored, so it has full support and the bound stays a bound.
-
-The point itself is always stored first (``B_n(1) = {n}``), so ``k = 1, S = 0`` is the
-autoencoder term.
+Each block of rows is one ``(b, N)`` log-kernel matrix (one matrix product: the kernels are affine
+in an inner product), normalized by its row log-sum-exp; the ``K`` largest entries are kept with
+the point itself first, and the rest is summed into the log of the leftover mass. Memory is
+``O(block · N + N · K)``. The same blocked reduction gives MAPA-GT's table, the posterior of the
+ground-truth empiricalized model (Eq. 7).
 """
 
 from __future__ import annotations
@@ -52,7 +45,7 @@ def compute_posterior(
 
     ``rows`` (a ``slice`` or ``(start, stop)``) computes only those rows, ``(stop - start, K)``,
     against all ``N`` atoms: shards from several processes or devices concatenate
-    (:func:`mapa_vae.neighbours.concat_rows`) to the full table, bit for bit when every shard
+    (:func:`mapa_vae.inference.engines.concat_rows`) to the full table, bit for bit when every shard
     starts at a multiple of the (capped) block size. A shard is a table, not a usable posterior.
     """
     n = data.shape[0]
@@ -139,7 +132,7 @@ def blocked_top_k(
 def ground_truth_posterior(
     x: Tensor, z_true: Tensor, decoder: Decoder, top_k: int | None = None, block_size: int = 1024
 ) -> MapaPosterior:
-    """MAPA-GT's proposal (paper Eq. 7, SPEC §5): the true posterior of the empiricalized
+    """MAPA-GT's proposal (paper Eq. 7, docs/design.md §5): the true posterior of the empiricalized
     ground-truth model, whose atoms are the true codes ``z_i`` of the training points ``x_i``:
 
     ``p(i | x_n) = p(x_n | f_GT(z_i)) / Σ_j p(x_n | f_GT(z_j))``.

@@ -1,22 +1,11 @@
-"""The MAPA posterior at scale: exact blocks or an approximate neighbour index (SPEC §3, §8).
+"""The approximate top-``K`` table of ``q(i | n)`` from a faiss index (docs/design.md §3, §8).
 
-Both kernels are affine in one inner product, ``log k(x_n | x_i) = s ⟨x_n, w_i⟩ + c_i + r_n``
-(:class:`SearchForm`), which gives two ways to build the top-``K`` table ``q(i | n)``:
-
-- **exact** (:func:`mapa_vae.posterior.compute_posterior`): one ``addmm`` per block of rows,
-  ``O(N² D)`` flops at matmul speed on ``device`` and ``O(block · N + N · K)`` memory;
-- **faiss** (:class:`NeighbourIndex`): the ``K`` best atoms of each point from an approximate
-  nearest-neighbour index, ``O(N · K)`` memory and sub-quadratic time, with the normalizer
-  ``Σ_j k(x_n | x_j)`` estimated from the next neighbours the search returns and a uniform
-  sample of the others (below).
-
-:func:`build_posterior` picks between them (``engine="auto"``, rule in :func:`resolve_engine`).
-
-The approximate table is a valid MAPA proposal: SPEC §3 (paper Eq. 10) is a lower bound on
-the empiricalized log-likelihood in expectation for **any** fixed proposal with full support on
-the tail. Missed neighbours, an estimated normalizer and the uniform tail change how *tight*
-the bound is, never whether it is a bound. Full support needs a finite ``log_rest``, which the
-floor below guarantees.
+The index proposes each point's best atoms under the kernel's L2 search form; their log-kernel is
+rescored exactly, and the normalizer ``Σ_j k(x_n | x_j)`` is estimated from the next neighbours
+the search returns plus a uniform sample of the others, with a floor so that the mass left
+outside the table, hence the tail proposal's support, is never empty. The MAPA bound (paper
+Eq. 10) is a bound for any fixed proposal with full support on the tail, so missed neighbours and
+an estimated normalizer make it looser, never invalid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bounds on ``log p(x)``, one small class each (paper Eq. 2, 6, 10, 14; SPEC §1, §3, §5).
+"""Bounds on ``log p(x)``, one small class each (paper Eq. 2, 6, 10, 14; docs/design.md §1, §3, §5).
 
 An objective is called as ``objective(model, x, index)`` on a batch ``x`` ``(B, D)`` whose rows
 are the training points ``index`` ``(B,)``, and returns a :class:`Bound`: ``value`` is the
@@ -112,7 +112,7 @@ class ELBO(Objective):
 
 
 class IWAE(Objective):
-    """The ``S``-sample importance-weighted bound (Burda et al. 2016; paper Eq. 2), SPEC §5.
+    """The ``S``-sample importance-weighted bound (Burda et al. 2016; paper Eq. 2), docs/design.md §5.
 
     ``L_S(x) = log (1/S) Σ_s w_s``, ``w_s = p(x, z_s) / q_φ(z_s | x)``, ``z_s ~ q_φ(· | x)`` drawn
     by reparameterization; with ``S = 1`` it is the ELBO under the same draw. ``value`` is this
@@ -183,7 +183,7 @@ def _path_log_prob(q: Distribution, z: Tensor) -> Tensor:
 
 
 class MAPA(Objective):
-    """The MAPA bound (paper Eq. 10 / 29, SPEC §3) with forward-pass reuse.
+    """The MAPA bound (paper Eq. 10 / 29, docs/design.md §3) with forward-pass reuse.
 
     ``L(x_n) = log( Σ_{i∈B_n(k)} p(x_n | f(g(x_i))) + (1/S) Σ_s p(x_n | f(g(x_{i_s}))) / q̃_k(i_s|n) )
     - log N``, ``i_s ~ q̃_k(· | n)``. The proposal is fixed, so plain autodiff gives unbiased

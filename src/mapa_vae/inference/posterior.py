@@ -1,4 +1,4 @@
-"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, SPEC §2–3).
+"""The MAPA posterior over data-point indices, ``q(i | n)`` (paper Eq. 8, docs/design.md §2–3).
 
 ``q(i | n) = k(x_n | x_i) / Σ_j k(x_n | x_j)`` depends only on the data and the kernel, so it
 is computed once, in row blocks, and kept as a sparse table: for every point ``n`` the ``K``
@@ -86,13 +86,14 @@ class MapaPosterior:
         """Raise a one-line error unless ``B_n(k)`` and ``S`` tail draws are well defined."""
         n = self.n_points
         if k < 1 or samples < 0:
-            raise MapaError(f"MAPA needs k >= 1 and S >= 0, got k={k}, S={samples}")
+            raise MapaError(f"MAPA needs k >= 1 (--k) and S >= 0 (--samples), got k={k}, S={samples}")
         if samples == 0 and k > n:
-            raise MapaError(f"k={k} is larger than the number of training points N={n}")
+            raise MapaError(f"k={k} (--k) is larger than the number of training points N={n}")
         if samples > 0 and k + samples > n - 1:
             raise MapaError(
-                f"k + S = {k + samples} is larger than N - 1 = {n - 1} training points; "
-                "lower k or S (k = N with S = 0 gives the exact likelihood)"
+                f"k + S = {k + samples} is larger than N - 1 = {n - 1} training points; lower "
+                "--samples (S) or --k (k, by default 10 % of S); --k N with --samples 0 gives the "
+                "exact likelihood"
             )
         if k > self.top_k:
             raise MapaError(f"k={k} exceeds the {self.top_k} neighbours stored; rebuild with top_k >= k")
@@ -166,7 +167,7 @@ class MapaPosterior:
 
 
 def uniform_posterior(n: int, top_k: int | None = None, dtype: torch.dtype = torch.float64) -> MapaPosterior:
-    """MAPA-naive's proposal (SPEC §5): ``q(i | n) = 1 / N`` for every ``i``.
+    """MAPA-naive's proposal (docs/design.md §5): ``q(i | n) = 1 / N`` for every ``i``.
 
     Row ``n`` stores ``n, n+1, …`` (mod ``N``), the point itself first so that ``B_n(1) = {n}``;
     any fixed order is as good as another when all ``q`` tie. With ``top_k < N`` (default

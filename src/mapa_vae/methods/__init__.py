@@ -9,6 +9,7 @@ from .base import Architecture, Method
 from .gaussian import GaussianEncoderMethod, IWAEMethod, VAEMethod
 from .mapa import MapaMethod
 from .sbn import SBNMethod
+from .vae_dgp import VAEDGPMethod
 
 __all__ = ["METHODS", "Architecture", "GaussianEncoderMethod", "IWAEMethod", "MapaMethod", "Method",
-           "SBNMethod", "VAEMethod"]
+           "SBNMethod", "VAEDGPMethod", "VAEMethod"]

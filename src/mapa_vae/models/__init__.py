@@ -18,6 +18,12 @@ from .copula import (
     fit_copula_prior,
     mapped_model,
 )
+from .gp import (
+    GPLayer,
+    GPNet,
+    GPPredictiveLikelihood,
+    build_vae_dgp,
+)
 from .latent import (
     CodeEncoder,
     Decoder,
@@ -59,6 +65,9 @@ __all__ = [
     "CopulaFit",
     "Decoder",
     "FlowPrior",
+    "GPLayer",
+    "GPNet",
+    "GPPredictiveLikelihood",
     "GaussianEncoder",
     "GaussianLikelihood",
     "LatentVariableModel",
@@ -71,6 +80,7 @@ __all__ = [
     "Trace",
     "build_code_prior",
     "build_networks",
+    "build_vae_dgp",
     "copula_codes",
     "fit_code_prior",
     "fit_copula_prior",

@@ -1,6 +1,6 @@
-"""Priors fitted to MAPA's codes when the latent has more than one dimension (SPEC §4, §8).
+"""Priors fitted to MAPA's codes when the latent has more than one dimension (docs/design.md §4, §8).
 
-For ``L > 1`` no exact map to ``N(0, I)`` exists (the copula of :mod:`mapa_vae.priors` is
+For ``L > 1`` no exact map to ``N(0, I)`` exists (the copula of :mod:`mapa_vae.models.copula` is
 1-D); instead a density is fitted to the codes ``z_n = g(x_n)`` and becomes the model's prior,
 the networks unchanged (:func:`fit_code_prior`): a full-covariance Gaussian mixture
 (:class:`MixturePrior`, fitted by EM) or a neural spline flow on standardized codes
@@ -39,7 +39,7 @@ __all__ = ["CodePrior", "FlowPrior", "MixturePrior", "build_code_prior", "fit_co
 
 
 class CodePrior(Prior, ABC):
-    """A density ``p(z)`` fitted to MAPA's codes ``z_n = g(x_n)`` ``(N, L)`` (SPEC §4, ``L > 1``).
+    """A density ``p(z)`` fitted to MAPA's codes ``z_n = g(x_n)`` ``(N, L)`` (docs/design.md §4, ``L > 1``).
 
     ``forward()`` returns a distribution with event shape ``(L,)`` that follows the module's
     dtype and device (so ``.double()`` converts it). All state is buffers or parameters, and

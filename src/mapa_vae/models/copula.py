@@ -1,4 +1,4 @@
-"""A parametric prior for MAPA's learned codes (paper App. C.3, SPEC §4).
+"""A parametric prior for MAPA's learned codes (paper App. C.3, docs/design.md §4).
 
 After training, the codes ``z_n = g_ψ(x_n)`` are the atoms of an empirical prior. For a 1-D
 latent the paper maps them to a standard normal through their empirical Gaussian copula, then
@@ -23,7 +23,7 @@ measures instead of the bound.
 The result is a :class:`~mapa_vae.models.LatentVariableModel` with a standard-normal prior,
 which is evaluated and sampled exactly like a VAE.
 
-For ``L > 1`` see :mod:`mapa_vae.code_priors`.
+For ``L > 1`` see :mod:`mapa_vae.models.code_priors`.
 """
 
 from __future__ import annotations

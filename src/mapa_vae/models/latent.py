@@ -1,4 +1,4 @@
-"""Networks, likelihoods and the latent-variable model (SPEC §1).
+"""Networks, likelihoods and the latent-variable model (docs/design.md §1).
 
 Every stochastic piece returns a ``torch.distributions.Distribution``: a :class:`Likelihood`
 maps decoder outputs to ``p(x | f(z))``, a :class:`Decoder` maps ``z`` to that distribution,

@@ -1,10 +1,11 @@
-"""Networks, likelihoods and the latent-variable model (SPEC §1).
+"""Observation models ``p(x | f(z))`` (docs/design.md §1), each an entry of
+:data:`~mapa_vae.registry.LIKELIHOODS`.
 
-Every stochastic piece returns a ``torch.distributions.Distribution``: a :class:`Likelihood`
-maps decoder outputs to ``p(x | f(z))``, a :class:`Decoder` maps ``z`` to that distribution,
-a :class:`GaussianEncoder` maps ``x`` to a mean-field ``q(z | x)`` and :class:`StandardNormal`
-is the prior. MAPA's encoder ``g_ψ`` is deterministic (the atoms of the empirical prior are
-``z_i = g_ψ(x_i)``), so :class:`CodeEncoder` returns a tensor of codes.
+A :class:`Likelihood` maps decoder outputs ``(..., D')`` to a distribution over ``x`` with event
+shape ``(D,)``, scores every (atom, point) pair in bounded memory (one matrix product where the
+log-density is linear in ``x``), checks a data set's values, and names the MAPA kernel matched to
+its noise (Eq. 8): Gaussian with fixed ``σ²`` (RBF kernel), Bernoulli and continuous Bernoulli
+(the softened Bernoulli kernel).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Likelihood(nn.Module, ABC):
 
     @abstractmethod
     def kernel(self) -> Kernel:
-        """The MAPA kernel matched to this noise model (SPEC §2)."""
+        """The MAPA kernel matched to this noise model (docs/design.md §2)."""
 
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x_b | params_m)`` for every pair: params ``(M, D')``, x ``(B, D)`` → ``(B, M)``.

@@ -1,4 +1,4 @@
-"""Networks, likelihoods and the latent-variable model (SPEC §1).
+"""Networks, likelihoods and the latent-variable model (docs/design.md §1).
 
 Every stochastic piece returns a ``torch.distributions.Distribution``: a :class:`Likelihood`
 maps decoder outputs to ``p(x | f(z))``, a :class:`Decoder` maps ``z`` to that distribution,
@@ -7,7 +7,7 @@ is the prior. MAPA's encoder ``g_ψ`` is deterministic (the atoms of the empiric
 ``z_i = g_ψ(x_i)``), so :class:`CodeEncoder` returns a tensor of codes.
 
 
-Encoder and decoder networks for images (SPEC §8): small convolutional nets beside the MLP.
+Encoder and decoder networks for images (docs/design.md §8): small convolutional nets beside the MLP.
 
 The networks are plain ``nn.Module``s on *flattened* data, so they slot into the model classes
 of :mod:`mapa_vae.models` unchanged: ``GaussianEncoder(ConvEncoderNet(shape, 2 * L))`` (VAE,
