@@ -38,12 +38,6 @@ from .objectives import (
     Objective,
     PassCounter,
 )
-from .tails import (
-    PerPointTail,
-    SharedTail,
-    TailProposal,
-    make_tail,
-)
 from .posterior import (
     MapaPosterior,
     default_top_k,
@@ -56,6 +50,12 @@ from .score_function import (
     Reinforce,
     leave_one_out_bounds,
     score_function_objective,
+)
+from .tails import (
+    PerPointTail,
+    SharedTail,
+    TailProposal,
+    make_tail,
 )
 
 __all__ = [
