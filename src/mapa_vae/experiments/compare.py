@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..methods.base import Architecture
 from ..storage import atomic_write, write_json
 from ..training.loop import TrainResult, train
 from .samples_plot import plot_samples
@@ -47,8 +48,9 @@ def compare(data: str = "figure-8", out: str | Path = "runs/compare", epochs: in
         f.write((f"# {data}: {' vs '.join(methods)} (S = {samples}, {epochs} epochs)\n\n" + table
                  + "\n").encode())
     first = next(iter(results.values()))
+    shape = Architecture.from_config(first.config, first.data.dim).image_shape  # images: grids
     plot_samples(first.data.test, {m: r.model for m, r in results.items()}, out / "samples.png",
-                 title=f"{data}: test data vs samples", metrics=metrics)
+                 title=f"{data}: test data vs samples", metrics=metrics, image_shape=shape)
     return metrics
 
 

@@ -71,6 +71,9 @@ for _v in (
     Variant("mapa-k90", "mapa", k_fraction=0.9),
     Variant("mapa-gt", "mapa", k_fraction=0.1, posterior="ground-truth"),
     Variant("mapa-naive", "mapa", k_fraction=0.1, posterior="uniform"),
+    # issue 13's thesis test: a learned q_φ(i | x_n) in place of the kernel's (same k, S)
+    Variant("mapa-learned-nvil", "mapa", k_fraction=0.1, posterior="learned-nvil"),
+    Variant("mapa-learned-vimco", "mapa", k_fraction=0.1, posterior="learned-vimco"),
 ):
     VARIANTS.register(_v.label, _v)
 

@@ -5,11 +5,18 @@ kernel posterior of Eq. 8 (cached on disk), or the paper's ablations, the true p
 ground-truth empiricalized model (MAPA-GT, Eq. 7) and the uniform one (MAPA-naive). After
 training, a parametric prior is fitted to the codes (App. C.3): the copula prior for ``L = 1``,
 a flow or mixture for ``L > 1``.
+
+Two entries are not fixed tables but trained proposals, :class:`LearnedPosterior`
+(``learned-nvil``, ``learned-vimco``; issue 13's thesis test): the model then carries the
+proposal's parameters as its ``index_proposal`` submodule (so the loop's optimizer trains them)
+and the objective is :class:`~mapa_vae.inference.learned_proposal.LearnedMAPA`, the same bound
+with ``q_φ(i | x_n)`` in place of the kernel's ``q(i | n)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -19,17 +26,19 @@ from ..data.dataset import Dataset
 from ..errors import MapaError
 from ..inference.cache import cached_posterior
 from ..inference.exact import ground_truth_posterior
+from ..inference.learned_proposal import LearnedMAPA
 from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
 from ..inference.posterior import MapaPosterior, uniform_posterior
 from ..inference.tails import make_tail
 from ..models.code_priors import build_code_prior, fit_code_prior
 from ..models.copula import fit_copula_prior, mapped_model
+from ..models.index_proposal import IndexProposalNet
 from ..models.latent import CodeEncoder, Decoder, LatentVariableModel, StandardNormal
 from ..models.likelihoods import Likelihood
 from ..registry import METHODS, POSTERIORS
 from .base import Architecture, Method
 
-__all__ = ["MapaMethod", "PosteriorFactory"]
+__all__ = ["LearnedPosterior", "MapaMethod", "PosteriorFactory"]
 
 PosteriorFactory = Callable[[LatentVariableModel, Tensor, TrainConfig, "Dataset | None"], MapaPosterior]
 """``(model, train, cfg, data) -> q(i | n)``: how a :data:`POSTERIORS` entry builds its table."""
@@ -61,6 +70,23 @@ def true_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
     return ground_truth_posterior(data.train, data.z_train, data.truth.decoder)
 
 
+@dataclass(frozen=True)
+class LearnedPosterior:
+    """A :data:`POSTERIORS` entry whose ``q_φ(i | x_n)`` is trained with the model by ``signal``
+    (``nvil`` or ``vimco``, :mod:`~mapa_vae.inference.learned_proposal`). Called like the other
+    entries it returns the kernel table, whose top entries are the candidates it re-ranks."""
+
+    signal: str
+
+    def __call__(self, model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                 data: Dataset | None) -> MapaPosterior:
+        return kernel_posterior(model, train, cfg, data)
+
+
+POSTERIORS.register("learned-nvil", LearnedPosterior("nvil"))
+POSTERIORS.register("learned-vimco", LearnedPosterior("vimco"))
+
+
 class MapaMethod(Method):
     """MAPA: a deterministic encoder and the MAPA bound over the index posterior; after
     training, the copula prior (or a code prior for ``L > 1``) gives the generative model."""
@@ -71,12 +97,22 @@ class MapaMethod(Method):
     def build(self, arch: Architecture, likelihood: Likelihood, cfg: TrainConfig) -> LatentVariableModel:
         encoder_net, decoder_net = arch.networks()
         enc = CodeEncoder(encoder_net(arch.latent_dim))  # built first
-        return LatentVariableModel(enc, Decoder(decoder_net(), likelihood), StandardNormal(arch.latent_dim))
+        model = LatentVariableModel(enc, Decoder(decoder_net(), likelihood), StandardNormal(arch.latent_dim))
+        if isinstance(POSTERIORS[cfg.posterior], LearnedPosterior):  # φ trains with the model
+            model.add_module("index_proposal", IndexProposalNet(arch.data_dim))
+        return model
 
     def objective(self, model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
                   data: Dataset | None = None) -> Objective:
-        posterior = POSTERIORS[cfg.posterior](model, train, cfg, data)
+        entry = POSTERIORS[cfg.posterior]
+        posterior = entry(model, train, cfg, data)
         posterior.check_budget(cfg.mapa_k, cfg.samples)
+        if isinstance(entry, LearnedPosterior):
+            if cfg.tail != "per-point":
+                raise MapaError(f"--posterior {cfg.posterior} draws each point's own tail; "
+                                f"--tail {cfg.tail} is for the fixed tables")
+            return LearnedMAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples,
+                               entry.signal)
         return MAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples,
                     tail=make_tail(cfg.tail))
 
