@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from mapa_vae.experiments.reproduce import posterior_kl, reproduce, select_best, summarize
+from mapa_vae.data.dataset import make_ground_truth_data
+from mapa_vae.experiments.reproduce import measure_passes, posterior_kl, reproduce, select_best, summarize
 from mapa_vae.experiments.sweep import PROFILES, VARIANTS, Job, Profile, make_jobs, run_jobs
 from mapa_vae.inference.exact import compute_posterior
 from mapa_vae.inference.posterior import uniform_posterior
@@ -89,6 +90,19 @@ def test_reproduce_tiny_profile_end_to_end(tmp_path):
     reproduce("tiny", tmp_path / "rep", cache_dir=str(tmp_path / "cache"), progress=False)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert torch.isfinite(torch.tensor([row["mean"] for row in summary])).all()
+
+
+def test_measure_passes_follows_the_tail_and_the_batching():
+    """Claim (c)'s counter with the chosen estimator: per-point tails on random batches touch
+    many atoms at N = 3000; a shared tail on local batches touches the union of the batch's
+    top-k sets and S shared draws, at most k + S / B per point."""
+    ds = make_ground_truth_data("circle", 3000, 0, 0, seed=0)
+    own = measure_passes(ds, (50,), steps=3)  # the defaults: per-point, random
+    shared = measure_passes(ds, (50,), steps=3, tail="shared", batching="local")
+    k, s, b = 5, 50, 100
+    assert own[("circle", "iwae", 50)]["decoder"] == 50 and own[("circle", "mapa", 50)]["n"] == 3000
+    assert shared[("circle", "mapa", 50)]["decoder"] <= k + s / b
+    assert own[("circle", "mapa", 50)]["decoder"] > 2 * (k + s / b)
 
 
 def test_job_key_depends_on_every_config_value():
