@@ -45,9 +45,15 @@ from .registry import (
     choices,
 )
 
-__all__ = ["DEVICES", "TrainConfig", "default_cache_dir", "field_type", "flag_name", "knob"]
+__all__ = ["ADDED_LATER", "DEVICES", "DTYPES", "TrainConfig", "default_cache_dir", "field_type",
+           "flag_name", "knob"]
 
 DEVICES = ("cpu", "cuda", "auto")
+DTYPES = ("float32", "float64")
+ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32"}
+"""Knobs added after runs were first written, at the value those runs had: a stored config
+without one of them is read with this value, and :func:`~mapa_vae.training.checkpoint.config_json`
+leaves them out at it, so older run folders and checkpoints stay readable."""
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +95,8 @@ class TrainConfig:
     batch_size: int = knob(100, "points per gradient step", low=1)
     lr: float = knob(1e-3, "Adam learning rate", low=0.0, open_low=True)
     seed: int = knob(0, "initialization, batching and sampling seed")
+    restarts: int = knob(1, "R: independently initialized copies trained together (seeds seed … "
+                         "seed+R-1); the best by validation is kept", low=1, short="-R")
     data_seed: int = knob(0, "which draw of a built-in data set")
     n_train: int = knob(1000, "built-in data: training points", low=1)
     n_val: int = knob(500, "built-in data: validation points", low=1)
@@ -151,6 +159,8 @@ class TrainConfig:
                        "process uses its local GPU", choices=DEVICES)
     threads: int = knob(1, "torch CPU threads (1 is fastest for the small MLPs here and does not "
                         "contend on a busy machine; 0 leaves torch's own setting)", low=0)
+    dtype: str = knob("float32", "training precision (float64: for exact comparisons)",
+                      choices=DTYPES)
     extra: dict[str, Any] = knob({}, "free-form notes kept with the run", cli=False)
 
     def __post_init__(self) -> None:
@@ -176,7 +186,7 @@ class TrainConfig:
         if unknown:
             raise MapaError(f"{where}: unknown config keys: {', '.join(sorted(unknown))}")
         try:
-            return cls(**d)
+            return cls(**{**ADDED_LATER, **d})
         except MapaError as e:
             raise MapaError(f"{where}: {e}") from None
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig
+from ..config import ADDED_LATER, TrainConfig
 from ..errors import MapaError
 from ..storage import load_tensors, save_tensors
 
@@ -31,7 +31,8 @@ RESUMABLE = ("epochs", "cache_dir", "device", "threads")
 
 def config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device", "threads")) -> str:
     """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in drop}
+    d = {k: v for k, v in dataclasses.asdict(cfg).items()
+         if k not in drop and not (k in ADDED_LATER and v == ADDED_LATER[k])}  # as older runs wrote
     return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -52,7 +53,8 @@ class Checkpoint:
     last_val: float | None = None  # the most recent validation score
     train_seconds: float = 0.0  # cumulative over every part of the run
     passes: dict[str, int] = field(default_factory=dict)  # cumulative PassCounter fields
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    restarts: dict[str, Any] = field(default_factory=dict)  # R > 1: every copy's progress and RNG
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a crash leaves the previous checkpoint)."""
@@ -83,7 +85,8 @@ def _check_resumable(stored: Any, cfg: TrainConfig, path: Path) -> None:
         raise MapaError(f"{path}: not a mapa-vae checkpoint (unreadable config)") from None
     now = json.loads(config_json(cfg, drop=RESUMABLE))
     changed = sorted(k for k in set(before) | set(now)
-                     if k not in RESUMABLE and before.get(k) != now.get(k))
+                     if k not in RESUMABLE
+                     and before.get(k, ADDED_LATER.get(k)) != now.get(k, ADDED_LATER.get(k)))
     if changed:
         diffs = ", ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed)
         raise MapaError(f"--resume: {path} was written with another configuration ({diffs}); "

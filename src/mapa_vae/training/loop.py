@@ -53,6 +53,7 @@ from ..registry import BATCHINGS, METHODS
 from ..storage import save_tensors, write_json
 from .checkpoint import RESUMABLE, Checkpoint, config_json
 from .distributed import init_parallel, resolve_device
+from .restarts import train_restarts
 
 __all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "epoch_batches", "evaluate_final",
            "train"]
@@ -94,77 +95,85 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     saved = _SavedEpoch(out)  # what an interrupt tells the user to --resume from
     with _threads(cfg.threads), _run_directory(out, resume, overwrite), saved:
         _seed_everything(cfg.seed)
-        train_x, val_x = data.train.to(device, torch.float32), data.val.to(device, torch.float32)
-        # --- model, objective, optimizer
-        model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg)
-        model = model.to(device, torch.float32)
-        objective = method.objective(model, train_x, cfg, data)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        state = Checkpoint(model.state_dict(), opt.state_dict(), copy.deepcopy(model.state_dict()),
-                           torch.get_rng_state(), config_json(cfg, RESUMABLE))
-        if resume:
-            state = _resume(out, cfg, model, opt)
-        objective.passes.reset()
-        for name, count in state.passes.items():  # cumulative over the run's earlier parts
-            setattr(objective.passes, name, count)
-        watch = _DecoderWatch(model)
-        clock = time.perf_counter() - state.train_seconds  # cumulative too
-        saved.epoch = state.epoch if resume else None
-        bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
-                   disable=not (progress and par.main), initial=state.epoch, total=cfg.epochs,
-                   leave=False)
-        try:
-            for epoch in bar:
-                # --- one epoch of steps
-                model.train()
-                bound_sum = 0.0
-                for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # random: epoch_batches
-                    local = par.shard(index).to(device)  # this process's share of the global batch
-                    watch.clear()
-                    bound = objective(model, train_x[local], local)
-                    loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
-                    state.steps += 1
-                    if not par.all_true(watch.finite(loss), device):
-                        state.skipped += 1  # skip the step and count it; weights stay as they were
-                        continue
-                    opt.zero_grad()
-                    loss.backward()
-                    par.sum_gradients(model)
-                    if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
+        dtype = getattr(torch, cfg.dtype)
+        train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
+        restarts: dict[str, Any] = {}
+        if cfg.restarts > 1:  # R copies in one process, the best by validation (training/restarts.py)
+            fit = train_restarts(method, cfg, data, likelihood, train_x, val_x, par, out, resume,
+                                 progress, saved)
+            model, state, passes, restarts = fit.model, fit.state, fit.passes, fit.metrics
+        else:
+            # --- model, objective, optimizer
+            model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg)
+            model = model.to(device, dtype)
+            objective = method.objective(model, train_x, cfg, data)
+            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+            state = Checkpoint(model.state_dict(), opt.state_dict(), copy.deepcopy(model.state_dict()),
+                               torch.get_rng_state(), config_json(cfg, RESUMABLE))
+            if resume:
+                state = _resume(out, cfg, model, opt)
+            objective.passes.reset()
+            for name, count in state.passes.items():  # cumulative over the run's earlier parts
+                setattr(objective.passes, name, count)
+            watch = _DecoderWatch(model)
+            clock = time.perf_counter() - state.train_seconds  # cumulative too
+            saved.epoch = state.epoch if resume else None
+            bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
+                       disable=not (progress and par.main), initial=state.epoch, total=cfg.epochs,
+                       leave=False)
+            try:
+                for epoch in bar:
+                    # --- one epoch of steps
+                    model.train()
+                    bound_sum = 0.0
+                    for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # random: epoch_batches
+                        local = par.shard(index).to(device)  # this process's share of the global batch
+                        watch.clear()
+                        bound = objective(model, train_x[local], local)
+                        loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
+                        state.steps += 1
+                        if not par.all_true(watch.finite(loss), device):
+                            state.skipped += 1  # skip the step and count it; weights stay as they were
+                            continue
                         opt.zero_grad()
-                        state.skipped += 1
-                        continue
-                    opt.step()
-                    bound_sum += float(bound.value.detach().sum())
-                record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / train_x.shape[0]}
-                validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-                # --- validate under no_grad, keep the best, checkpoint
-                weights_finite = False
-                if validate:
-                    model.eval()
-                    with torch.no_grad():
-                        val = method.validation_log_likelihood(model, val_x, train_x, cfg)
-                    record["val_log_lik"] = state.last_val = val
-                    weights_finite = _finite(model.state_dict())
-                    if val > state.best_val and weights_finite:
-                        state.best_val, state.best_epoch = val, epoch + 1
-                        state.best_model = copy.deepcopy(model.state_dict())
-                    bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
-                state.history.append(record)
-                state.epoch = epoch + 1
-                if validate and out is not None and weights_finite:
-                    state.model, state.optimizer = model.state_dict(), opt.state_dict()
-                    state.torch_rng = torch.get_rng_state()
-                    writing = time.perf_counter()
-                    state.train_seconds = writing - clock
-                    state.passes = dataclasses.asdict(objective.passes)
-                    state.save(out / "checkpoint.pt")
-                    clock += time.perf_counter() - writing  # writing files is not training
-                    saved.epoch = state.epoch
-        finally:
-            watch.remove()
-            bar.close()
-        state.train_seconds = time.perf_counter() - clock
+                        loss.backward()
+                        par.sum_gradients(model)
+                        if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
+                            opt.zero_grad()
+                            state.skipped += 1
+                            continue
+                        opt.step()
+                        bound_sum += float(bound.value.detach().sum())
+                    record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / train_x.shape[0]}
+                    validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                    # --- validate under no_grad, keep the best, checkpoint
+                    weights_finite = False
+                    if validate:
+                        model.eval()
+                        with torch.no_grad():
+                            val = method.validation_log_likelihood(model, val_x, train_x, cfg)
+                        record["val_log_lik"] = state.last_val = val
+                        weights_finite = _finite(model.state_dict())
+                        if val > state.best_val and weights_finite:
+                            state.best_val, state.best_epoch = val, epoch + 1
+                            state.best_model = copy.deepcopy(model.state_dict())
+                        bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
+                    state.history.append(record)
+                    state.epoch = epoch + 1
+                    if validate and out is not None and weights_finite:
+                        state.model, state.optimizer = model.state_dict(), opt.state_dict()
+                        state.torch_rng = torch.get_rng_state()
+                        writing = time.perf_counter()
+                        state.train_seconds = writing - clock
+                        state.passes = dataclasses.asdict(objective.passes)
+                        state.save(out / "checkpoint.pt")
+                        clock += time.perf_counter() - writing  # writing files is not training
+                        saved.epoch = state.epoch
+            finally:
+                watch.remove()
+                bar.close()
+            state.train_seconds = time.perf_counter() - clock
+            passes = objective.passes
         if not par.main:  # the other replicas are done: rank 0 finalizes, evaluates and writes
             par.close()
             return TrainResult(cfg, model, model, data, {}, state.history)
@@ -186,7 +195,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             "skipped_steps": state.skipped,
             "train_seconds": state.train_seconds,
             "seconds_per_epoch": state.train_seconds / max(1, state.epoch),
-            "passes_per_point_per_step": objective.passes.per_point(),
+            "passes_per_point_per_step": passes.per_point(),
+            **restarts,
         }
         null = _null_decoder_log_lik(likelihood, data.val)
         problem = diagnose(state, null)
