@@ -11,7 +11,7 @@ import torch
 from mapa_vae.config import TrainConfig
 from mapa_vae.storage import load_tensors
 from mapa_vae.training.loop import train
-from mapa_vae.training.restarts import RestartAdam
+from mapa_vae.training.restart_state import RestartAdam
 
 R = 3
 SMALL = dict(data="circle", samples=10, epochs=6, n_train=200, n_val=100, n_test=200, eval_every=2,
