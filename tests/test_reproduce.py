@@ -19,14 +19,17 @@ TINY = PROFILES["tiny"]
 
 def test_jobs_cover_the_protocol_once():
     jobs = make_jobs(PROFILES["paper"])
-    per_cell = len(PROFILES["paper"].datasets) * PROFILES["paper"].draws * PROFILES["paper"].restarts
+    per_cell = len(PROFILES["paper"].datasets) * PROFILES["paper"].draws  # R restarts in one job
     s_variants = sum(VARIANTS[v].uses_samples for v in PROFILES["paper"].variants)
-    assert len(jobs) == per_cell * (1 + s_variants * len(PROFILES["paper"].samples))
+    s_free = len(PROFILES["paper"].variants) - s_variants
+    assert len(jobs) == per_cell * (s_free + s_variants * len(PROFILES["paper"].samples))
+    assert {j.restarts for j in jobs} == {PROFILES["paper"].restarts}
     assert len({j.key for j in jobs}) == len(jobs)  # distinct configs, distinct keys
     job = next(j for j in jobs if j.variant == "mapa-k90" and j.samples == 50)
     cfg = job.config()
     assert (cfg.method, cfg.k, cfg.samples, cfg.posterior) == ("mapa", 45, 50, "kernel")
     assert cfg.epochs == 500 and cfg.n_train == 1000
+    assert (cfg.seed, cfg.restarts) == (0, PROFILES["paper"].restarts)
 
 
 def test_selection_takes_the_best_validation_restart():

@@ -276,13 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     r = add("reproduce", help="run the paper's protocol and write figures and a report",
-                       description="Every (data set, draw, method, S, restart) is a job; finished "
+                       description="Every (data set, draw, method, S) is a job training its R "
+                       "restarts together; finished "
                        "jobs are kept in --out, so an interrupted sweep resumes. Writes report.md, "
                        "report.html and figures/.")
-    r.add_argument("--profile", choices=["tiny", "quick", "paper"], default="quick",
-                   help="quick: minutes on 2 CPU cores; paper: R = D = 10, 500 epochs; tiny: a smoke test")
+    r.add_argument("--profile", choices=["tiny", "quick", "medium", "paper"], default="quick",
+                   help="quick: minutes on 2 CPU cores; medium: R = 5, D = 3, 500 epochs, about 2 "
+                   "hours on 2 cores; paper: R = D = 10, 500 epochs; tiny: a smoke test")
     r.add_argument("--out", default="runs/reproduce", help="output directory (also the job store)")
-    r.add_argument("--jobs", type=jobs_count, default=1, help="parallel jobs (-1: all cores)")
+    r.add_argument("--jobs", type=jobs_count, default=-1, help="parallel jobs (-1: all cores)")
     r.add_argument("--backend", choices=["loky", "ray", "dask"], default="loky",
                    help="joblib backend: local processes, or a Ray / Dask cluster")
     r.add_argument("--address", default=None, help="Ray or Dask scheduler address (default: local)")

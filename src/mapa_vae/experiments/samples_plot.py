@@ -1,9 +1,4 @@
-"""The main job: MAPA, VAE and IWAE side by side on one built-in data set.
-
-:func:`compare` trains the three methods with the same data, seed, epochs and ``S`` (MAPA's
-``k`` is 10 % of ``S``), prints a table of test KL to the ground truth, wall-clock and network
-passes, and writes ``comparison.json``, ``comparison.md`` and ``samples.png`` (the data beside
-each model's samples).
+"""The data beside each model's samples, as one row of scatter plots (first two coordinates).
 """
 
 from __future__ import annotations
