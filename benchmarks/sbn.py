@@ -3,7 +3,7 @@
 Each record trains ``mapa-vae``'s ``--method sbn`` through :func:`mapa_vae.train` for a fixed
 budget of epochs and reports the test log-likelihood (importance sampling with the recognition
 network, 1000 samples), the last epoch's training bound and seconds per epoch. The data is
-``/work/shared/data/binarized_mnist.npz`` (or ``--mnist PATH``) when it exists, else
+``../shared/data/binarized_mnist.npz`` (beside the checkout) (or ``--mnist PATH``) when it exists, else
 ``sprites-binary``; ``--n-train`` / ``--n-test`` take the first rows of the file's own splits
 (written to a temporary ``.npz``) so that a small budget stays small. Published numbers for
 the same architectures are printed beside ours, with their budgets.
@@ -24,9 +24,9 @@ import numpy as np
 from mapa_vae.config import TrainConfig
 from mapa_vae.training.loop import train
 
-MNIST = Path("/work/shared/data/binarized_mnist.npz")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"  # beside the checkout
 
-# (estimator, K, layers) -> (number, what it is, budget); see /work/shared/ANCHORS.md
+# (estimator, K, layers) -> (number, what it is, budget); see ../shared/ANCHORS.md
 PUBLISHED: dict[tuple[str, int, tuple[int, ...]], str] = {
     ("nvil", 1, (200,)): "-112.5 highest training ELBO, linear 1 layer (RELAX paper table)",
     ("nvil", 1, (200, 200)): "-99.6 highest training ELBO, linear 2 layers (RELAX paper table)",

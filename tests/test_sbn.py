@@ -21,7 +21,7 @@ from mapa_vae.inference.score_function import NVIL, VIMCO, Reinforce, leave_one_
 from mapa_vae.models.likelihoods import BernoulliLikelihood
 from mapa_vae.models.sbn import SBN
 
-MNIST = Path("/work/shared/data/binarized_mnist.npz")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"  # beside the checkout
 D = 6
 
 
