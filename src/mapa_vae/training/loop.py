@@ -55,7 +55,7 @@ from .checkpoint import RESUMABLE, Checkpoint, config_json
 from .distributed import init_parallel, resolve_device
 from .restarts import train_restarts
 
-__all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "epoch_batches", "evaluate_final",
+__all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "evaluate_final",
            "train"]
 
 MAX_SKIPPED_FRACTION = 0.9  # more of the steps skipped as non-finite: no usable model
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
                     # --- one epoch of steps
                     model.train()
                     bound_sum = 0.0
-                    for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # random: epoch_batches
+                    for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # an epoch's order
                         local = par.shard(index).to(device)  # this process's share of the global batch
                         watch.clear()
                         bound = objective(model, train_x[local], local)
@@ -234,12 +234,6 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             raise NoUsableModel(f"{cfg.method} on {cfg.data}: no usable model: {problem}{where}",
                                 result)
         return result
-
-
-def epoch_batches(n: int, batch_size: int) -> list[torch.Tensor]:
-    """One epoch's batches: a permutation of ``0..n-1`` from the global torch RNG, cut in order
-    (drawn the same way on a resumed run, so it continues bit for bit)."""
-    return list(torch.randperm(n).split(batch_size))
 
 
 def diagnose(state: Checkpoint, null_log_lik: float, final_val: float | None = None) -> str | None:
