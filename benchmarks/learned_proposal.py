@@ -28,6 +28,8 @@ VARIANTS = ("mapa-k10", "mapa-learned-nvil", "mapa-learned-vimco")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write one record per (data, variant) (default: OUT/learned_proposals.json)")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--n-train", type=int, default=500)
     p.add_argument("--samples", type=int, default=10, help="S (k = 10 %% of S)")
@@ -47,7 +49,7 @@ def main() -> None:
                  f"{args.samples}, {args.seeds} seed(s)")
     learned_proposals(rep, datasets, best, args.out, prof)
     md, _ = rep.write(args.out)
-    (args.out / "learned_proposals.json").write_text(json.dumps(
+    (args.json or args.out / "learned_proposals.json").write_text(json.dumps(
         [{"data": r["job"]["data"], "variant": r["job"]["variant"], "status": r["status"],
           **({k: r["metrics"][k] for k in ("test_kl", "train_seconds", "passes_per_point_per_step",
                                             "val_log_lik")} if r["status"] == "done" else
