@@ -23,6 +23,7 @@ In one process, side by side:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -38,6 +39,9 @@ from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import GaussianKernel
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+RECORDS: list[dict[str, object]] = []  # one per measured row, for --json
 
 
 def peak_rss() -> int:
@@ -93,6 +97,9 @@ def exact_stage(n: int, d: int, k: int, block: int, dtypes: list[str], pairs: in
               f"{before:.1f} (before) / {after:.1f} (after) GFLOP/s -> {rate / before:.0%} / "
               f"{rate / after:.0%}; rows sum to 1 within {float(total.abs().max()):.1e}")
         memory_line(f"the {name} table", n)
+        RECORDS.append({"stage": "exact", "engine": "exact", "dtype": name, "n": n, "d": d, "k": k,
+                        "seconds": seconds, "gflops": rate, "matmul_gflops": before,
+                        "peak_rss_bytes": peak_rss()})
         xd = x.to(dtype)
         a, out = xd[:block], torch.empty(block, n, dtype=dtype)
         ratios = []
@@ -171,6 +178,10 @@ def ann_stage(n: int, d: int, k: int, queries: int, noise_var: float, ivf_full: 
               f"build {built:.1f} s; {per_row * 1e3:.3f} ms/row (search + rescoring + rest, "
               f"{chunk[1]} rows); recall@{k} {tie:.4f} (set overlap {plain:.4f}); rest mass: median "
               f"|Δ log| {log_err:.3f} nats, relative error {rel_err:.3f}")
+        RECORDS.append({"stage": "approximate", "engine": kind, "setting": setting, "n": n, "d": d,
+                        "k": k, "build_seconds": built, "ms_per_row": per_row * 1e3,
+                        f"recall@{k}": tie, "set_overlap": plain, "rest_median_abs_log_err": log_err,
+                        "rest_median_rel_err": rel_err})
         if kind == "hnsw" or ivf_full:
             t = time.perf_counter()
             post = nn.posterior()
@@ -201,6 +212,7 @@ def main() -> None:
     p.add_argument("--ivf-full", action="store_true", help="also build the whole table with IVF")
     p.add_argument("--skip-exact", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
+    p.add_argument("--json", default=None, help="also write one record per measured row here")
     args = p.parse_args()
 
     start = time.perf_counter()
@@ -222,6 +234,9 @@ def main() -> None:
         rate = gflops or matmul_gflops(args.block, args.d_ann, args.n_ann, DTYPES[args.dtypes[0]])
         ann_stage(args.n_ann, args.d_ann, args.k_ann, args.queries, args.noise_var, args.ivf_full, rate)
     print(f"\ntotal {time.perf_counter() - start:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RECORDS, f, indent=1)
 
 
 if __name__ == "__main__":
