@@ -38,7 +38,8 @@ def test_shards_cover_each_global_batch_once():
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    """MAPA with S = 0 is deterministic, so 2 × 50 points per step must equal 1 × 100."""
+    """MAPA with S = 0 is deterministic, so 2 × 50 points per step must equal 1 × 100; with the
+    default R = 3 restarts, vectorized in one process and stepped in turn under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MAPA_VAE_CACHE": str(tmp_path / "cache")}
     one = [sys.executable, "-m", "mapa_vae.cli", *ARGS, "--out", str(tmp_path / "one")]
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -54,5 +55,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # both logged the same (summed over processes) training bound, and it rose: real training
     bounds = [[h["train_bound"] for h in json.loads((tmp_path / d / "history.json").read_text())]
               for d in ("one", "two")]
-    assert bounds[0] == pytest.approx(bounds[1], abs=1e-4)
-    assert bounds[0][-1] > bounds[0][0]
+    one_copy, two_copies = (torch.tensor(b, dtype=torch.float64) for b in bounds)  # (epochs, R)
+    assert one_copy.shape == two_copies.shape == (3, 3)
+    torch.testing.assert_close(one_copy, two_copies, rtol=0, atol=1e-4)
+    assert bool((one_copy[-1] > one_copy[0]).all())  # every copy trained

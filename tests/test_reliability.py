@@ -60,7 +60,7 @@ from mapa_vae.training.runs import load_run
 
 SRC = Path(mapa_vae.__file__).parent
 TINY = dict(n_train=200, n_val=100, n_test=200, eval_every=2, val_grid=2**10, test_grid=2**12,
-            prior_steps=100)
+            prior_steps=100, restarts=1)  # single runs; tests/test_restarts.py: R > 1
 TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX) + "$")
 
 
@@ -415,7 +415,8 @@ def test_sigkill_during_writes_leaves_a_file_that_loads(tmp_path):
 def _train_cli(method: str, out: Path, cache: Path, epochs: int, *extra: str) -> list[str]:
     return ["train", "--data", "circle", "--method", method, "--n-train", "200", "--n-val", "100",
             "--n-test", "200", "--eval-every", "2", "--samples", "10", "--hidden", "16", "16",
-            "--epochs", str(epochs), "--cache-dir", str(cache), "--out", str(out), "--quiet", *extra]
+            "--epochs", str(epochs), "--restarts", "1", "--cache-dir", str(cache), "--out", str(out),
+            "--quiet", *extra]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from mapa_vae.training.restart_state import RestartAdam
 
 R = 3
 SMALL = dict(data="circle", samples=10, epochs=6, n_train=200, n_val=100, n_test=200, eval_every=2,
-             val_grid=2**10, test_grid=2**11, dtype="float64")
+             val_grid=2**10, test_grid=2**11, dtype="float64", restarts=1)
 
 
 def small(tmp_path, **kw) -> TrainConfig:

@@ -16,7 +16,7 @@ from mapa_vae.training.loop import train
 from mapa_vae.training.runs import load_run
 
 TINY = dict(n_train=200, n_val=100, n_test=200, eval_every=2, val_grid=2**10, test_grid=2**12,
-            prior_steps=100)
+            prior_steps=100, restarts=1)  # single runs; tests/test_restarts.py: R > 1
 
 
 def tiny(tmp_path, **kw) -> TrainConfig:

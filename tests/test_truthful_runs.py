@@ -31,7 +31,7 @@ from mapa_vae.training.loop import train
 from mapa_vae.training.runs import load_run
 
 SMALL = dict(data="circle", hidden=(8,), samples=5, n_train=100, n_val=50, n_test=100, epochs=4,
-             eval_every=2, val_grid=2**9, test_grid=2**10, prior_steps=30)
+             eval_every=2, val_grid=2**9, test_grid=2**10, prior_steps=30, restarts=1)
 
 
 def small(tmp_path: Path, **kw) -> TrainConfig:

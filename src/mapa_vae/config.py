@@ -95,8 +95,9 @@ class TrainConfig:
     batch_size: int = knob(100, "points per gradient step", low=1)
     lr: float = knob(1e-3, "Adam learning rate", low=0.0, open_low=True)
     seed: int = knob(0, "initialization, batching and sampling seed")
-    restarts: int = knob(1, "R: independently initialized copies trained together (seeds seed … "
-                         "seed+R-1); the best by validation is kept", low=1, short="-R")
+    restarts: int = knob(3, "R: independently initialized copies trained together (seeds seed … "
+                         "seed+R-1); the best by validation is kept (README \"Restarts\": "
+                         "why 3)", low=1, short="-R")
     data_seed: int = knob(0, "which draw of a built-in data set")
     n_train: int = knob(1000, "built-in data: training points", low=1)
     n_val: int = knob(500, "built-in data: validation points", low=1)
