@@ -157,3 +157,52 @@ def test_every_objective_shape_gradients_and_pass_count(name, circle_data, poste
     assert obj.passes.points == 32 and obj.passes.decoder > 0 and obj.passes.encoder > 0
     # every bound sits below the exact empiricalized / marginal likelihood on average
     assert float(bound.value.detach().mean()) < 10
+
+
+@pytest.mark.parametrize("ratio", [0, 10**9])
+def test_pairs_scored_by_matmul_equal_elementwise_scoring(ratio, monkeypatch):
+    """Bernoulli pairs: one matrix product (then gather) and the elementwise (B, m, D) path give
+    the same log-densities and gradients (float64), whichever the switch picks."""
+    from mapa_vae.inference import objectives
+    from mapa_vae.models.likelihoods import BernoulliLikelihood
+
+    monkeypatch.setattr(objectives, "MATMUL_PAIRS_RATIO", ratio)
+    gen = torch.Generator().manual_seed(0)
+    lik = BernoulliLikelihood()
+    params = torch.randn(40, 64, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = (torch.rand(7, 64, generator=gen) < 0.3).double()
+    inverse = torch.randint(0, 40, (7, 11), generator=gen)
+    got = objectives.score_pairs(lik, params, x, inverse)
+    (grad,) = torch.autograd.grad(got.sum(), params)
+    want = torch.stack([torch.stack([
+        (x[b] * params[j] - torch.nn.functional.softplus(params[j])).sum() for j in inverse[b]])
+        for b in range(7)])  # Σ_d x log σ(l) + (1-x) log σ(-l), written out pair by pair
+    (want_grad,) = torch.autograd.grad(want.sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-10)
+
+
+def test_bernoulli_mapa_bound_is_the_same_with_reuse(monkeypatch):
+    """On binary data MAPA scores a batch's pairs by matrix product (reuse) or one pass per pair
+    (no reuse): the same bound, and it stays below the exact empiricalized likelihood."""
+    from mapa_vae.inference import objectives
+    from mapa_vae.kernels import BernoulliKernel
+    from mapa_vae.models.latent import CodeEncoder, Decoder, LatentVariableModel, StandardNormal
+    from mapa_vae.models.likelihoods import BernoulliLikelihood
+    from mapa_vae.models.networks import MLP
+
+    monkeypatch.setattr(objectives, "MATMUL_PAIRS_RATIO", 10**9)  # always the product
+    torch.manual_seed(0)
+    atoms = (torch.rand(120, 16) < 0.3).double()
+    model = LatentVariableModel(CodeEncoder(MLP(16, 2, (8,), "tanh")),
+                                Decoder(MLP(2, 16, (8,), "tanh"), BernoulliLikelihood()),
+                                StandardNormal(2)).double()
+    post = compute_posterior(atoms, BernoulliKernel(0.9))
+    index = torch.arange(0, 60)
+    reuse = MAPA(post, atoms, 3, 20, reuse=True, generator=torch.Generator().manual_seed(1))
+    naive = MAPA(post, atoms, 3, 20, reuse=False, generator=torch.Generator().manual_seed(1))
+    a, b = reuse(model, atoms[index], index).value, naive(model, atoms[index], index).value
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    exact = EmpiricalLogLikelihood(atoms)(model, atoms[index]).value
+    mean, se = expected_bound(reuse, model, atoms[index], index, 200)
+    assert bool((mean <= exact + 4 * se + 1e-9).all())

@@ -23,6 +23,7 @@ from torch.distributions import Distribution
 
 from ..errors import MapaError
 from ..models.latent import LatentVariableModel
+from ..models.likelihoods import Likelihood
 from ..registry import ESTIMATORS
 from .posterior import MapaPosterior
 from .tails import PerPointTail, TailProposal
@@ -36,6 +37,7 @@ __all__ = [
     "EmpiricalLogLikelihood",
     "Objective",
     "PassCounter",
+    "score_pairs",
 ]
 
 
@@ -182,6 +184,29 @@ def _path_log_prob(q: Distribution, z: Tensor) -> Tensor:
     return log_q - q.log_prob(z.detach()) + log_q.detach()
 
 
+MATMUL_PAIRS_RATIO = 64
+"""Score all ``B × U`` (point, atom) pairs by one matrix product when the batch's unique atoms
+``U`` are at most this many times each point's ``k + S``: the product's ``B·U·D`` multiply-adds
+run at matmul speed, where gathering ``(B, k+S, D)`` decoder outputs and scoring them
+elementwise is memory-bound. Measured (Bernoulli, B = 100, D = 1024, k + S = 220, forward and
+backward, one CPU thread): 16 ms against 564 ms at U/(k+S) = 3, 98 against 678 ms at 27, 549
+against 731 ms at 91; the break-even is near 90."""
+
+
+def score_pairs(likelihood: Likelihood, params: Tensor, x: Tensor, inverse: Tensor) -> Tensor:
+    """``log p(x_b | params[inverse[b, j]])`` ``(B, m)`` for decoder outputs ``params``
+    ``(U, D')`` of a batch's unique atoms, points ``x`` ``(B, D)`` and ``inverse`` ``(B, m)``.
+
+    Where the likelihood's pairwise log-density is a matrix product (Bernoulli) and few atoms are
+    shared out (local batches, a shared tail, small ``N``), every pair is scored at once and the
+    ``m`` wanted per point gathered; otherwise the ``(B, m, D')`` outputs are gathered and scored
+    elementwise. Both give the same numbers up to float rounding.
+    """
+    if likelihood.matmul_pairs and params.shape[0] <= MATMUL_PAIRS_RATIO * inverse.shape[1]:
+        return torch.gather(likelihood.pairwise_log_prob(params, x), 1, inverse)
+    return likelihood(params[inverse]).log_prob(x[:, None, :])
+
+
 class MAPA(Objective):
     """The MAPA bound (paper Eq. 10 / 29, docs/design.md §3) with forward-pass reuse.
 
@@ -244,15 +269,15 @@ class MAPA(Objective):
         if self.reuse:
             unique, inverse = torch.unique(atom_idx, return_inverse=True)  # (U,), (B, k+S)
             params = model.decoder.net(model.encoder(self.atoms[unique]))  # (U, D')
-            params = params[inverse]  # (B, k+S, D')
+            log_p = score_pairs(model.decoder.likelihood, params, x, inverse)  # (B, k+S)
             n_passes = unique.numel()
         else:
             flat = atom_idx.reshape(-1)
             params = model.decoder.net(model.encoder(self.atoms[flat]))
             params = params.reshape(*atom_idx.shape, -1)
+            log_p = model.decoder.likelihood(params).log_prob(x[:, None, :])  # (B, k+S)
             n_passes = flat.numel()
         self.passes.add(n_passes, n_passes, x.shape[0])
-        log_p = model.decoder.likelihood(params).log_prob(x[:, None, :])  # (B, k+S)
         value = torch.logsumexp(log_p + offset, -1) - math.log(self.posterior.n_points)
         return Bound(value, value)
 

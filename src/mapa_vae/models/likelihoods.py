@@ -43,6 +43,9 @@ class Likelihood(nn.Module, ABC):
     with batch shape ``(...)`` and event shape ``(D,)``."""
 
     name: str
+    matmul_pairs: bool = False
+    """True where :meth:`pairwise_log_prob` is one matrix product with no ``(B, M, D)`` tensor
+    and rounds like the elementwise log-density (MAPA then scores a batch's atoms that way)."""
 
     @abstractmethod
     def forward(self, params: Tensor) -> Distribution: ...
@@ -142,6 +145,8 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
 
     def mean(self, params: Tensor) -> Tensor:
         return torch.sigmoid(params)
+
+    matmul_pairs = True
 
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         # Σ_d x_d l_d - softplus(l_d): linear in x, so all pairs are one matrix product

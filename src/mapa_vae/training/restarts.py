@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..errors import MapaError
-from ..inference.objectives import ELBO, IWAE, MAPA, Bound, Objective, PassCounter
+from ..inference.objectives import ELBO, IWAE, MAPA, Bound, Objective, PassCounter, score_pairs
 from ..methods.base import Architecture, Method
 from ..models.ensemble import Ensemble, StreamEncoder
 from ..models.latent import CodeEncoder, GaussianEncoder, LatentVariableModel
@@ -303,12 +303,16 @@ class _Vectorized(_Engine):
         atoms = self.mapa[0].atoms[unique]  # (U, D)
         model = self.ensemble.model
         params = model.decoder.net(model.encoder(atoms[:, None, :].expand(-1, self.restarts, -1)))
-        copy_of = torch.arange(self.restarts, device=x.device)[:, None]  # (R, 1)
-        params = params[inverse, copy_of]  # (B, R, k+S, D')
         for r, o in enumerate(self.mapa):
             used = torch.unique(atom_idx[:, r]).numel()  # what the single run passes
             o.passes.add(used, used, x.shape[0])
-        log_p = model.decoder.likelihood(params).log_prob(x[:, :, None, :])  # (B, R, k+S)
+        lik = model.decoder.likelihood
+        if lik.matmul_pairs:  # each copy's pairs as one product, as its single run scores them
+            log_p = torch.stack([score_pairs(lik, params[:, r], x[:, r], inverse[:, r])
+                                 for r in range(self.restarts)], 1)  # (B, R, k+S)
+        else:
+            copy_of = torch.arange(self.restarts, device=x.device)[:, None]  # (R, 1)
+            log_p = lik(params[inverse, copy_of]).log_prob(x[:, :, None, :])  # (B, R, k+S)
         value = torch.logsumexp(log_p + offset, -1) - math.log(self.mapa[0].posterior.n_points)
         return Bound(value, value)
 
