@@ -50,7 +50,7 @@ __all__ = ["ADDED_LATER", "DEVICES", "DTYPES", "TrainConfig", "default_cache_dir
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
-ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32"}
+ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32", "tensorboard": None}
 """Knobs added after runs were first written, at the value those runs had: a stored config
 without one of them is read with this value, and :func:`~mapa_vae.training.checkpoint.config_json`
 leaves them out at it, so older run folders and checkpoints stay readable."""
@@ -162,6 +162,9 @@ class TrainConfig:
                         "contend on a busy machine; 0 leaves torch's own setting)", low=0)
     dtype: str = knob("float32", "training precision (float64: for exact comparisons)",
                       choices=DTYPES)
+    tensorboard: str | None = knob(None, "also log the learning curves to this TensorBoard folder "
+                                   "(needs the extra: pip install 'mapa-vae[tensorboard]')",
+                                   metavar="DIR")
     extra: dict[str, Any] = knob({}, "free-form notes kept with the run", cli=False)
 
     def __post_init__(self) -> None:
