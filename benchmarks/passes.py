@@ -19,28 +19,29 @@ batching (the same N points for every variant); ``bound_mean`` is the mean over 
 ``bound_se`` the standard error of ``bound_mean``. IWAE's bound is of another model: null.
 
     python benchmarks/passes.py --n-train 10000 --json passes-10k.json [--data spiral-dots]
+    python benchmarks/passes.py --tiny --json /tmp/passes.json   # seconds: the CI smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
 import tempfile
 import time
 from typing import Any
 
 import torch
+from harness import bench_config, knobs_of, parser, start, timed_steps, write_records
 
 from mapa_vae.config import TrainConfig
 from mapa_vae.data.images import IMAGE_DATASETS
 from mapa_vae.data.loading import load_dataset
 from mapa_vae.methods.base import Architecture
+from mapa_vae.models.latent import LatentVariableModel
 from mapa_vae.models.likelihoods import BernoulliLikelihood, GaussianLikelihood, Likelihood
 from mapa_vae.registry import BATCHINGS, METHODS
 
 BATCH = 100
+LR = 1e-3
 MAPA_VARIANTS = {  # name: (tail, batching)
     "random": ("per-point", "random"),
     "local": ("per-point", "local"),
@@ -50,49 +51,39 @@ MAPA_VARIANTS = {  # name: (tail, batching)
 
 
 def setup(data: str, n_train: int) -> tuple[torch.Tensor, Likelihood, Architecture]:
+    """The training points, the likelihood and the stated networks: a curve's own noise with
+    3×50 tanh MLPs and L = 1, or an image set's Bernoulli with 2×256 ReLU MLPs and L = 4."""
     ds = load_dataset(data, n_train=n_train, n_val=10, n_test=10, seed=0)
     x = ds.train.float()
     if ds.truth is not None:
         return x, GaussianLikelihood(ds.truth.noise_var), Architecture(x.shape[1], 1, (50, 50, 50), "tanh")
     if data in IMAGE_DATASETS:
         return x, BernoulliLikelihood(), Architecture(x.shape[1], 4, (256, 256), "relu")
-    raise SystemExit(f"{data}: a curve or a built-in image set, please")
+    raise SystemExit(f"--data {data}: a curve or a built-in image set, please")
 
 
-def run_steps(method: str, cfg: TrainConfig, x: torch.Tensor, lik: Likelihood, arch: Architecture,
-              state: dict[str, torch.Tensor] | None, steps: int) -> tuple[Any, Any, dict[str, float]]:
+def config(arch: Architecture, threads: int, **knobs: Any) -> TrainConfig:
+    """Every knob a row measures, stated."""
+    return bench_config(batch_size=BATCH, lr=LR, seed=0, restarts=1, hidden=arch.hidden,
+                        activation=arch.activation, latent_dim=arch.latent_dim, threads=threads,
+                        dtype="float32", **knobs)
+
+
+def run_steps(cfg: TrainConfig, x: torch.Tensor, lik: Likelihood, arch: Architecture,
+              state: dict[str, torch.Tensor] | None, steps: int) -> tuple[LatentVariableModel, Any,
+                                                                           dict[str, float]]:
     """``steps`` Adam steps from ``state``; passes per point per step and seconds per epoch."""
-    m = METHODS[method]
+    m = METHODS[cfg.method]
     torch.manual_seed(cfg.seed)
     model = m.build(arch, lik, cfg)
     if state is not None:
         model.load_state_dict(state)
     objective = m.objective(model, x, cfg)  # MAPA's posterior: from the cache after the first
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    batching = BATCHINGS[cfg.batching]
-    t = time.perf_counter()
-    batches = batching(x, BATCH)
-    batch_seconds = time.perf_counter() - t
-    done, step_time = 0, 0.0
-    while done < steps + 2:
-        for index in batches:
-            if done == 2:  # the first two steps warm up allocators, untimed and uncounted
-                objective.passes.reset()
-                t0 = time.perf_counter()
-            loss = -objective(model, x[index], index).surrogate.mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            done += 1
-            if done == steps + 2:
-                break
-        else:
-            batches = batching(x, BATCH)
-    step_time = (time.perf_counter() - t0) / steps
-    n_batches = math.ceil(x.shape[0] / BATCH)
-    per = objective.passes.per_point()
-    return model, objective, {"decoder_passes": per["decoder"], "encdec_passes": per["encoder+decoder"],
-                              "seconds_per_epoch": step_time * n_batches + batch_seconds}
+    run = timed_steps(model, objective, x, steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                      batching=cfg.batching)
+    return model, objective, {"decoder_passes": run.passes["decoder"],
+                              "encdec_passes": run.passes["encoder+decoder"],
+                              "seconds_per_epoch": run.seconds_per_epoch(x.shape[0], cfg.batch_size)}
 
 
 def bound_at(model: Any, objective: Any, x: torch.Tensor, batching: str, draws: int) -> dict[str, float]:
@@ -112,10 +103,9 @@ def bound_at(model: Any, objective: Any, x: torch.Tensor, batching: str, draws: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--data", default="spiral-dots")
     p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--json", default=None, help="write the records here")
     p.add_argument("--mapa-samples", type=int, nargs="+", default=[50, 200])
     p.add_argument("--iwae-samples", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--variants", nargs="+", default=list(MAPA_VARIANTS), choices=list(MAPA_VARIANTS))
@@ -123,39 +113,37 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=1500,
                    help="MAPA (S=50, random batches) steps before the fixed weights")
     p.add_argument("--draws", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.tiny:
+        args.n_train, args.mapa_samples, args.iwae_samples = 200, [10], [5]
+        args.variants, args.steps, args.warmup_steps, args.draws = ["random", "shared"], 3, 5, 2
+    info = start(args)
     x, lik, arch = setup(args.data, args.n_train)
     n = x.shape[0]
-    machine = (f"{platform.machine()} {platform.processor() or ''}".strip()
-               + f", torch {torch.__version__}, {torch.get_num_threads()} threads")
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
-        base = TrainConfig(method="mapa", samples=50, cache_dir=cache, batch_size=BATCH)
-        warm, _, _ = run_steps("mapa", base, x, lik, arch, None, args.warmup_steps)
+        base = config(arch, args.threads, method="mapa", samples=50, cache_dir=cache)
+        warm, _, _ = run_steps(base, x, lik, arch, None, args.warmup_steps)
         state = {k: v.clone() for k, v in warm.state_dict().items()}
         print(f"{args.data}: N = {n}, warm-up {args.warmup_steps} MAPA steps (posterior included) "
-              f"{time.perf_counter() - t:.1f} s; {machine}", flush=True)
+              f"{time.perf_counter() - t:.1f} s", flush=True)
         for s in args.mapa_samples:
             for variant in args.variants:
                 tail, batching = MAPA_VARIANTS[variant]
-                cfg = TrainConfig(method="mapa", samples=s, cache_dir=cache, tail=tail,
-                                  batching=batching, batch_size=BATCH)
-                model, objective, cost = run_steps("mapa", cfg, x, lik, arch, state, args.steps)
+                cfg = config(arch, args.threads, method="mapa", samples=s, k=max(1, round(0.1 * s)),
+                             cache_dir=cache, tail=tail, batching=batching)
+                model, objective, cost = run_steps(cfg, x, lik, arch, state, args.steps)
                 model.load_state_dict(state)  # the quality at the same fixed weights
                 q = bound_at(model, objective, x, batching, args.draws)
                 records.append({"method": "mapa", "variant": variant, "n": n, "samples": s,
                                 "k": cfg.mapa_k, **cost, **q})
-                print(json.dumps(records[-1]), flush=True)
         for s in args.iwae_samples:
-            cfg = TrainConfig(method="iwae", samples=s, cache_dir=cache, batch_size=BATCH)
-            _, _, cost = run_steps("iwae", cfg, x, lik, arch, None, args.steps)
+            cfg = config(arch, args.threads, method="iwae", samples=s, estimator="naive", cache_dir=cache)
+            _, _, cost = run_steps(cfg, x, lik, arch, None, args.steps)
             records.append({"method": "iwae", "variant": "random", "n": n, "samples": s, "k": None,
                             **cost, "bound_mean": None, "bound_se": None, "bound_std": None})
-            print(json.dumps(records[-1]), flush=True)
-    print(f"\n{args.data}, N = {n}, batch {BATCH}, {machine}")
+    print(f"\n{args.data}, N = {n}, batch {BATCH}")
     print("| method | variant | S | decoder passes/pt/step | enc+dec | s/epoch | bound (± se) "
           "| std over draws |")
     print("|---|---|---|---|---|---|---|---|")
@@ -174,12 +162,10 @@ def main() -> None:
             print(f"MAPA(S=200, {variant}): decoder passes {m['decoder_passes']:.2f} {fewer} "
                   f"IWAE(S=25) {iwae25['decoder_passes']:.2f}; "
                   f"bound - per-point random = {gap:+.3f} nats")
-    if args.json:
-        context = {"data": args.data, "batch": BATCH, "machine": machine, "steps": args.steps,
-                   "warmup_steps": args.warmup_steps,
-                   "draws": args.draws}
-        with open(args.json, "w") as f:
-            json.dump([{**r, **context} for r in records], f, indent=1)
+    knobs = {**knobs_of(base), "data": args.data, "n_train": n, "steps": args.steps,
+             "warmup_steps": args.warmup_steps, "draws": args.draws, "k_fraction": 0.1,
+             "samples": None, "method": None}
+    write_records(args.json, "passes", info, knobs, records)
 
 
 if __name__ == "__main__":
