@@ -156,7 +156,7 @@ def test_config_file_and_flags_share_one_schema(tmp_path):
 
 class AutoencoderMethod(Method):
     """A toy method: a deterministic autoencoder trained by the autoencoder bound (paper Eq. 14),
-    given the copula prior afterwards. The README's "How to add a method" is this class."""
+    given the copula prior afterwards. docs/design.md §14 "How to add a method" is this class."""
 
     name = "toy-autoencoder"
     uses_samples = False

@@ -420,7 +420,7 @@ LEARNED = ("mapa-learned-nvil", "mapa-learned-vimco")  # against the fixed kerne
 
 def learned_proposals(rep: Report, datasets: dict[str, Dataset], best, out: Path, prof: Profile,
                       fixed: str = "mapa-k10") -> None:
-    """Issue 13's thesis test: MAPA's fixed kernel ``q(i | n)`` against NVIL- and VIMCO-trained
+    """The learned-proposal test: MAPA's fixed kernel ``q(i | n)`` against NVIL- and VIMCO-trained
     ``q_φ(i | x_n)`` (:mod:`~mapa_vae.inference.learned_proposal`) at the same ``k`` and ``S``
     (so the same decoder passes): test KL, ``KL[p(i | x_n) ‖ q]`` against the ground truth's
     posterior on the training points (draw 0, largest ``S``), decoder passes and wall-clock."""

@@ -1,4 +1,4 @@
-"""The MAPA bound with a learned index proposal ``q_φ(i | x_n)`` (issue 13, the thesis test).
+"""The MAPA bound with a learned index proposal ``q_φ(i | x_n)`` (the learned-proposal test).
 
 MAPA proposes atoms from a fixed kernel posterior (paper Eq. 8). Here the proposal is amortized
 and trained: for point ``n`` with candidates ``C_n`` (the kernel table's first ``C`` atoms, the

@@ -1,4 +1,4 @@
-"""The learned index proposal ``q_φ(i | x_n)`` over MAPA's atoms (issue 13, the thesis test).
+"""The learned index proposal ``q_φ(i | x_n)`` over MAPA's atoms (the learned-proposal test).
 
 MAPA's ``q(i | n)`` is fixed by a kernel (paper Eq. 8). :class:`IndexProposalNet` holds the
 parameters ``φ`` of an amortized alternative, trained alongside the encoder and decoder: a

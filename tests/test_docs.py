@@ -1,0 +1,83 @@
+"""The documentation stays what it says it is: a short README, links that resolve, and source
+comments that cite the paper or docs/design.md rather than issue numbers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted([README, *(ROOT / "docs").rglob("*.md")])
+MAX_README_LINES = 250
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
+ISSUE_NUMBER = re.compile(r"\bissues?\s*(?:#\s*)?\d+", re.IGNORECASE)
+
+
+def relative_links(text: str) -> list[str]:
+    """The relative targets of Markdown links and images outside fenced code, anchors dropped.
+
+    >>> relative_links("[a](docs/x.md#top) [b](https://e.org) ![c](f.png) [d](#here)")
+    ['docs/x.md', 'f.png']
+    >>> relative_links("```\\n[a](nowhere.md)\\n```\\n[b](y.md)")
+    ['y.md']
+    """
+    text = FENCE.sub("", text)
+    targets = []
+    for target in LINK.findall(text):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or target.startswith("#"):
+            continue  # a URL (http:, mailto:) or an anchor on the same page
+        targets.append(target.split("#", 1)[0])
+    return targets
+
+
+def test_readme_is_short() -> None:
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= MAX_README_LINES, (
+        f"README.md has {len(lines)} lines (at most {MAX_README_LINES}): measurements go to "
+        "docs/results.md, method notes to docs/methods/"
+    )
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page: Path) -> None:
+    broken = [
+        target
+        for target in relative_links(page.read_text(encoding="utf-8"))
+        if not (page.parent / target).exists()
+    ]
+    assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+def test_docs_pages_link_only_inside_the_repository() -> None:
+    """A relative link that climbs out of the repository would resolve here and nowhere else."""
+    outside = [
+        (str(page.relative_to(ROOT)), target)
+        for page in DOCS
+        for target in relative_links(page.read_text(encoding="utf-8"))
+        if not (page.parent / target).resolve().is_relative_to(ROOT)
+    ]
+    assert not outside
+
+
+def test_issue_number_pattern() -> None:
+    """The pattern below catches the forms it must, and not the paper's equation numbers."""
+    for text in ("issue 12", "Issue #13", "issues 3", "(issue13)"):
+        assert ISSUE_NUMBER.search(text), text
+    for text in ("Eq. 10", "docs/design.md §3", "the issue's user", "tissue 3"):
+        assert not ISSUE_NUMBER.search(text), text
+
+
+def test_source_cites_no_issue_numbers() -> None:
+    """Docstrings and comments cite the paper's equations or docs/design.md, not an issue tracker."""
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "src").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if ISSUE_NUMBER.search(line)
+    ]
+    assert not found, "issue numbers in src/:\n" + "\n".join(found)
