@@ -1,4 +1,4 @@
-"""The MAPA posterior at scale: matmul speed, exact blocked top-K, approximate index (SPEC §8).
+"""The MAPA posterior at scale: matmul speed, exact blocked top-K, approximate index.
 
 In one process, side by side:
 
@@ -18,20 +18,19 @@ In one process, side by side:
     python benchmarks/posterior.py                      # defaults: a few minutes on 2 cores
     python benchmarks/posterior.py --n-ann 200000 --n-exact 20000   # quick
     python benchmarks/posterior.py --dtypes float32 float64 --ivf-full
+    python benchmarks/posterior.py --tiny --json /tmp/posterior.json   # seconds: the CI smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import platform
 import resource
 import time
 
 import faiss
 import torch
+from harness import parser, start, write_records
 
 from mapa_vae.inference.exact import compute_posterior
 from mapa_vae.inference.neighbours import IndexParams, NeighbourIndex
@@ -198,7 +197,7 @@ def ann_stage(n: int, d: int, k: int, queries: int, noise_var: float, ivf_full: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(__doc__)
     p.add_argument("--n-exact", type=int, default=50_000)
     p.add_argument("--d-exact", type=int, default=784)
     p.add_argument("--k-exact", type=int, default=64)
@@ -212,31 +211,38 @@ def main() -> None:
     p.add_argument("--ivf-full", action="store_true", help="also build the whole table with IVF")
     p.add_argument("--skip-exact", action="store_true")
     p.add_argument("--skip-ann", action="store_true")
-    p.add_argument("--json", default=None, help="also write one record per measured row here")
+    p.add_argument("--square", type=int, default=2048, help="side of the square matmul measured")
     args = p.parse_args()
+    if args.tiny:
+        args.n_exact, args.d_exact, args.k_exact, args.block, args.square = 600, 16, 8, 128, 128
+        args.n_ann, args.d_ann, args.k_ann, args.queries = 3000, 8, 8, 50
+    info = start(args)
+    info["faiss_threads"] = faiss.omp_get_max_threads()
 
-    start = time.perf_counter()
-    cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, faiss {faiss.__version__}, {cpu}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, faiss threads "
-          f"{faiss.omp_get_max_threads()}, load average {os.getloadavg()[0]:.2f}")
+    clock = time.perf_counter()
+    print(f"faiss {faiss.__version__} on {info['faiss_threads']} thread(s)")
     print("\n== matmul throughput (torch.matmul, best of 3) ==")
     for name in args.dtypes:
         dtype = DTYPES[name]
-        square = matmul_gflops(2048, 2048, 2048, dtype)
+        square = matmul_gflops(args.square, args.square, args.square, dtype)
         block = matmul_gflops(args.block, args.d_exact, args.n_exact, dtype)
-        print(f"  {name}: square 2048³ {square:.1f} GFLOP/s; block ({args.block}×{args.d_exact}) @ "
+        print(f"  {name}: square {args.square}³ {square:.1f} GFLOP/s; block ({args.block}×{args.d_exact}) @ "
               f"({args.d_exact}×{args.n_exact}) {block:.1f} GFLOP/s")
+        RECORDS.append({"stage": "matmul", "dtype": name, "square": args.square,
+                        "square_gflops": square, "block_gflops": block})
     gflops = 0.0
     if not args.skip_exact:
         gflops = exact_stage(args.n_exact, args.d_exact, args.k_exact, args.block, args.dtypes)
     if not args.skip_ann:
         rate = gflops or matmul_gflops(args.block, args.d_ann, args.n_ann, DTYPES[args.dtypes[0]])
         ann_stage(args.n_ann, args.d_ann, args.k_ann, args.queries, args.noise_var, args.ivf_full, rate)
-    print(f"\ntotal {time.perf_counter() - start:.0f} s; load average now {os.getloadavg()[0]:.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(RECORDS, f, indent=1)
+    print(f"\ntotal {time.perf_counter() - clock:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+    knobs = {"n_exact": args.n_exact, "d_exact": args.d_exact, "k_exact": args.k_exact,
+             "block": args.block, "dtypes": args.dtypes, "n_ann": args.n_ann, "d_ann": args.d_ann,
+             "k_ann": args.k_ann, "queries": args.queries, "noise_var": args.noise_var,
+             "ivf_full": args.ivf_full, "skip_exact": args.skip_exact, "skip_ann": args.skip_ann,
+             "square": args.square, "threads": args.threads}
+    write_records(args.json, "posterior", info, knobs, RECORDS)
 
 
 if __name__ == "__main__":

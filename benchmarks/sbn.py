@@ -8,23 +8,27 @@ network, 1000 samples), the last epoch's training bound and seconds per epoch. T
 (written to a temporary ``.npz``) so that a small budget stays small. Published numbers for
 the same architectures are printed beside ours, with their budgets.
 
+Every run states its knobs (one restart, Adam 1e-3, batch ``--batch-size``, the linear SBN's
+``--activation`` unused); the last epoch's training bound is read from ``history.json`` in either
+shape (a float, a list over restarts, or a record with ``train_bound_per_copy``).
+
     python benchmarks/sbn.py --json sbn.json --epochs 5 --n-train 5000 --layers 200
+    python benchmarks/sbn.py --tiny --json /tmp/sbn.json   # seconds: the CI smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from harness import bench_config, knobs_of, parser, start, write_records
 
-from mapa_vae.config import TrainConfig
 from mapa_vae.training.loop import train
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist.npz"  # beside the checkout
+LR = 1e-3
 
 # (estimator, K, layers) -> (number, what it is, budget); see ../shared/ANCHORS.md
 PUBLISHED: dict[tuple[str, int, tuple[int, ...]], str] = {
@@ -44,9 +48,24 @@ def _subset(src: Path, n_train: int, n_test: int, out: Path) -> Path:
     return out
 
 
+def last_train_bound(history: list[dict[str, Any]], chosen: int = 0) -> float:
+    """The last epoch's training bound of copy ``chosen``, from a history record of any shape:
+    ``train_bound`` a float (one copy, or the chosen copy's beside ``train_bound_per_copy``) or a
+    list over the copies.
+
+    >>> last_train_bound([{"epoch": 1, "train_bound": -3.0}])
+    -3.0
+    >>> last_train_bound([{"epoch": 1, "train_bound": [-3.0, -2.0]}], chosen=1)
+    -2.0
+    >>> last_train_bound([{"epoch": 1, "train_bound": -2.0, "train_bound_per_copy": [-3.0, -2.0]}], 1)
+    -2.0
+    """
+    value = history[-1]["train_bound"]
+    return float(value[chosen]) if isinstance(value, list) else float(value)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, help="output file of records")
+    p = parser(__doc__)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--layers", type=int, nargs="+", action="append",
                    help="one architecture per use (default: 200 and 200 200 200)")
@@ -57,33 +76,42 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=24)
     p.add_argument("--mnist", type=Path, default=MNIST)
     args = p.parse_args()
+    if args.tiny:
+        args.epochs, args.layers, args.n_train, args.n_test = 1, [[10]], 200, 100
+        args.estimators = ["nvil:1", "vimco:2"]
+    info = start(args)
     archs = [tuple(a) for a in (args.layers or [[200], [200, 200, 200]])]
     records: list[dict[str, Any]] = []
+    knobs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.mnist.exists():
             data = str(_subset(args.mnist, args.n_train, args.n_test, Path(tmp) / "mnist.npz"))
             where = f"binarized MNIST (first {args.n_train} train / {args.n_test} test rows)"
         else:
             data, where = "sprites-binary", "sprites-binary (binarized MNIST file absent)"
-        print(f"data: {where}; {args.epochs} epochs, batch {args.batch_size}, Adam 1e-3")
+        print(f"data: {where}; {args.epochs} epochs, batch {args.batch_size}, Adam {LR:g}")
         for layers in archs:
             for spec in args.estimators:
                 est, k = spec.split(":")
-                cfg = TrainConfig(data=data, method="sbn", estimator=est, samples=int(k), layers=layers,
-                                  likelihood="bernoulli", epochs=args.epochs, batch_size=args.batch_size,
-                                  eval_every=args.epochs, n_train=args.n_train, n_val=100,
-                                  n_test=args.n_test)
+                cfg = bench_config(data=data, method="sbn", estimator=est, samples=int(k), layers=layers,
+                                   sbn_hidden=None, likelihood="bernoulli", epochs=args.epochs,
+                                   batch_size=args.batch_size, lr=LR, seed=0, restarts=1,
+                                   hidden=(50, 50, 50), activation="tanh", latent_dim=1,
+                                   threads=args.threads, dtype="float32", eval_every=args.epochs,
+                                   n_train=args.n_train, n_val=100, n_test=args.n_test)
+                knobs = knobs_of(cfg, "epochs", "likelihood")
                 r = train(cfg, Path(tmp) / f"{est}-{k}-{'-'.join(map(str, layers))}", progress=False)
                 rec = {"estimator": est, "samples": int(k), "layers": list(layers), "epochs": args.epochs,
                        "test_log_lik": r.metrics["test_log_lik"],
-                       "train_bound": r.history[-1]["train_bound"],
+                       "train_bound": last_train_bound(r.history, int(r.metrics.get("restart", 0))),
                        "seconds_per_epoch": r.metrics["seconds_per_epoch"], "data": where}
                 records.append(rec)
                 published = PUBLISHED.get((est, int(k), layers), "no published number for this setting")
                 print(f"{est:9s} K={k:<3s} layers={'-'.join(map(str, layers)):12s} "
                       f"test {rec['test_log_lik']:8.2f}  train bound {rec['train_bound']:8.2f}  "
                       f"{rec['seconds_per_epoch']:6.1f} s/epoch | published: {published}", flush=True)
-    Path(args.json).write_text(json.dumps(records, indent=2))
+    knobs.update(estimator=None, samples=None, method="sbn")
+    write_records(args.json, "sbn", info, knobs, records)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,19 @@ Quality rows (``--train-epochs E`` > 0): ``mapa-vae train --method vae-dgp`` for
 of ``--datasets`` with ``--n-train`` points, the test KL by quadrature (``--test-grid``) on 2000
 fresh ground-truth points, beside IWAE trained under the same budget.
 
+Both methods share the stated networks (3×50 tanh encoder MLP, L = 1), Adam 1e-3, one restart.
+
     python benchmarks/vae_dgp.py --json vae-dgp.json [--train-epochs 20]
+    python benchmarks/vae_dgp.py --tiny --json /tmp/vae-dgp.json   # seconds: the CI smoke test
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
-import time
 from typing import Any
 
 import torch
+from harness import bench_config, knobs_of, parser, start, timed_steps, write_records
 
 from mapa_vae.config import TrainConfig
 from mapa_vae.data.groundtruth import GROUND_TRUTHS
@@ -36,30 +36,26 @@ from mapa_vae.registry import METHODS
 from mapa_vae.training.loop import train
 
 BATCH = 100
+NETWORK = {"hidden": (50, 50, 50), "activation": "tanh", "latent_dim": 1}
+LR = 1e-3
 
 
-def seconds_per_epoch(method: str, x: torch.Tensor, noise_var: float, samples: int, steps: int,
-                      warmup: int, **knobs: Any) -> float:
-    """Mean wall time of one training step of ``method`` times the steps of an epoch."""
-    torch.manual_seed(0)
-    cfg = TrainConfig(data="circle", method=method, samples=samples, batch_size=BATCH, **knobs)
-    m = METHODS[method]
-    arch = Architecture(x.shape[1], 1, cfg.hidden, cfg.activation)
+def config(method: str, samples: int, threads: int, **knobs: Any) -> TrainConfig:
+    """Every knob a row measures, stated."""
+    return bench_config(method=method, samples=samples, batch_size=BATCH, lr=LR, seed=0, restarts=1,
+                        threads=threads, dtype="float32", estimator="naive", **NETWORK, **knobs)
+
+
+def seconds_per_epoch(cfg: TrainConfig, x: torch.Tensor, noise_var: float, steps: int,
+                      warmup: int) -> float:
+    """Mean wall time of one training step of ``cfg.method`` times the steps of an epoch."""
+    torch.manual_seed(cfg.seed)
+    m = METHODS[cfg.method]
+    arch = Architecture(x.shape[1], cfg.latent_dim, cfg.hidden, cfg.activation)
     model = m.build(arch, GaussianLikelihood(noise_var), cfg)
-    objective = m.objective(model, x, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model.train()
-    times = []
-    for step in range(warmup + steps):
-        index = torch.randint(0, x.shape[0], (BATCH,))
-        t = time.perf_counter()
-        loss = -objective(model, x[index], index).surrogate.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - t)
-    return sum(times) / len(times) * x.shape[0] / BATCH
+    run = timed_steps(model, m.objective(model, x, cfg), x, steps=steps, warmup=warmup,
+                      batch_size=cfg.batch_size, lr=cfg.lr)
+    return run.seconds_per_step * x.shape[0] / cfg.batch_size
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -70,8 +66,7 @@ def slope(xs: list[float], ys: list[float]) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, help="where to write the rows")
+    p = parser(__doc__)
     p.add_argument("--data", default="circle", help="data set of the cost rows")
     p.add_argument("--n-train", type=int, default=1000)
     p.add_argument("--samples", type=int, default=10, help="S: draws of z per point (IWAE: its S)")
@@ -83,15 +78,21 @@ def main() -> None:
     p.add_argument("--train-inducing", type=int, default=32)
     p.add_argument("--datasets", nargs="+", default=list(GROUND_TRUTHS))
     p.add_argument("--test-grid", type=int, default=2**14)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    n_test = 2000
+    if args.tiny:
+        args.n_train, args.samples, args.layers, args.inducing = 200, 2, [1], [4, 8]
+        args.steps, args.warmup, args.train_epochs, args.train_inducing = 2, 1, 1, 4
+        args.datasets, args.test_grid, n_test = ["circle"], 2**8, 200
+    info = start(args)
 
     ds = load_dataset(args.data, n_train=args.n_train, n_val=10, n_test=10, seed=0)
-    assert ds.truth is not None, "cost rows need a ground-truth curve (its noise variance)"
+    if ds.truth is None:
+        raise SystemExit(f"--data {args.data}: the cost rows need a ground-truth curve (its noise variance)")
     x, noise = ds.train.float(), ds.truth.noise_var
     rows: list[dict[str, Any]] = []
-    iwae = seconds_per_epoch("iwae", x, noise, args.samples, args.steps, args.warmup)
+    iwae_cfg = config("iwae", args.samples, args.threads)
+    iwae = seconds_per_epoch(iwae_cfg, x, noise, args.steps, args.warmup)
     rows.append({"method": "iwae", "layers": None, "inducing": None, "n": args.n_train,
                  "samples": args.samples, "seconds_per_epoch": iwae, "test_kl": None})
     print(f"iwae S={args.samples} N={args.n_train}: {iwae:.3f} s/epoch", flush=True)
@@ -99,8 +100,9 @@ def main() -> None:
     for layers in args.layers:
         secs = []
         for m in args.inducing:
-            s = seconds_per_epoch("vae-dgp", x, noise, args.samples, args.steps, args.warmup,
-                                  gp_layers=layers, inducing=m)
+            cfg = config("vae-dgp", args.samples, args.threads, gp_layers=layers, inducing=m,
+                         learn_noise=False)
+            s = seconds_per_epoch(cfg, x, noise, args.steps, args.warmup)
             secs.append(s)
             rows.append({"method": "vae-dgp", "layers": layers, "inducing": m, "n": args.n_train,
                          "samples": args.samples, "seconds_per_epoch": s, "iwae_seconds_per_epoch": iwae,
@@ -112,10 +114,10 @@ def main() -> None:
 
     for data in args.datasets if args.train_epochs > 0 else []:
         for method in ("vae-dgp", "iwae"):
-            cfg = TrainConfig(data=data, method=method, samples=args.samples, epochs=args.train_epochs,
-                              n_train=args.n_train, n_val=250, n_test=2000, eval_every=args.train_epochs,
-                              val_grid=2**10, test_grid=args.test_grid, inducing=args.train_inducing,
-                              threads=args.threads)
+            cfg = config(method, args.samples, args.threads, data=data, epochs=args.train_epochs,
+                         n_train=args.n_train, n_val=250, n_test=n_test, eval_every=args.train_epochs,
+                         val_grid=2**10, test_grid=args.test_grid, inducing=args.train_inducing,
+                         gp_layers=1, learn_noise=False)
             r = train(cfg, None, progress=False).metrics
             rows.append({"method": method, "layers": 1 if method == "vae-dgp" else None,
                          "inducing": args.train_inducing if method == "vae-dgp" else None,
@@ -125,11 +127,10 @@ def main() -> None:
             print(f"{data} {method}: test KL {r['test_kl']:.3f} ± {r['test_kl_stderr']:.3f} "
                   f"({r['seconds_per_epoch']:.2f} s/epoch)", flush=True)
 
-    out = {"rows": rows, "growth_exponent_by_layers": growth, "batch": BATCH,
-           "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                       "threads": args.threads}}
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    knobs = {**knobs_of(iwae_cfg, "estimator"), "method": None, "data": args.data, "n_train": args.n_train,
+             "steps": args.steps, "warmup": args.warmup, "train_epochs": args.train_epochs,
+             "train_inducing": args.train_inducing, "test_grid": args.test_grid, "n_test": n_test}
+    write_records(args.json, "vae_dgp", info, knobs, rows, growth_exponent_by_layers=growth)
 
 
 if __name__ == "__main__":
