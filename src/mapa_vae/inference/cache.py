@@ -18,10 +18,11 @@ from filelock import FileLock
 from torch import Tensor
 
 from ..errors import MapaError
-from ..kernels import Kernel
+from ..kernels import BernoulliKernel, Kernel
 from ..storage import array_digest, atomic_write
 from .engines import build_posterior, cache_params
 from .exact import compute_posterior
+from .hamming import is_binary
 from .posterior import CACHE_FORMAT, MapaPosterior, resolve_top_k
 
 __all__ = ["cached_posterior"]
@@ -65,7 +66,9 @@ def cached_posterior(
     n = data.shape[0]
     k_keep = resolve_top_k(n, top_k)
     engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, **index_params)
-    key = _cache_key(data, kernel, k_keep, dtype, engine_key)
+    hamming = not engine_key and isinstance(kernel, BernoulliKernel) and is_binary(data)
+    # the Hamming table breaks ties by index, the matmul table by rounding: keyed apart
+    key = _cache_key(data, kernel, k_keep, dtype, {"table": "hamming"} if hamming else engine_key)
     cache_dir = Path(cache_dir).expanduser()
     path = cache_dir / f"posterior-{key[:32]}.npz"
     lock = FileLock(str(path) + ".lock")

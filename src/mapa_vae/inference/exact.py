@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from ..errors import MapaError
-from ..kernels import Kernel
+from ..kernels import BernoulliKernel, Kernel
 from ..models.latent import Decoder
+from .hamming import hamming_top_k, is_binary
 from .posterior import MapaPosterior, resolve_top_k
 
 __all__ = ["blocked_top_k", "compute_posterior", "ground_truth_posterior"]
@@ -32,6 +33,7 @@ def compute_posterior(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float64,
     rows: slice | tuple[int, int] | None = None,
+    hamming: bool | None = None,
 ) -> MapaPosterior:
     """Exact top-``K`` MAPA posterior of ``data`` ``(N, D)``, in row blocks on ``device``.
 
@@ -47,6 +49,10 @@ def compute_posterior(
     against all ``N`` atoms: shards from several processes or devices concatenate
     (:func:`mapa_vae.inference.engines.concat_rows`) to the full table, bit for bit when every shard
     starts at a multiple of the (capped) block size. A shard is a table, not a usable posterior.
+
+    For the Bernoulli kernel on 0/1 data (``hamming=None``: detected; ``False``: never) the table
+    is searched by Hamming distance instead (:func:`~mapa_vae.inference.hamming.hamming_top_k`):
+    the same kernel values, exactly, at popcount speed, on the CPU, ties broken by index.
     """
     n = data.shape[0]
     k_keep = resolve_top_k(n, top_k)
@@ -56,6 +62,8 @@ def compute_posterior(
             raise MapaError(f"rows must be a contiguous range, got step {step}")
     else:
         start, stop = (0, n) if rows is None else (max(int(rows[0]), 0), min(int(rows[1]), n))
+    if hamming is not False and isinstance(kernel, BernoulliKernel) and is_binary(data):
+        return hamming_top_k(data, kernel, k_keep, dtype, rows=(start, max(start, stop)))
     block_size = max(1, min(block_size, (1 << 27) // max(n, 1)))
     x = data.to(device=device, dtype=dtype)
     form = kernel.search_form(x)
