@@ -157,6 +157,9 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
+    cfg, note = METHODS[cfg.method].resolve(cfg, set(_given(args)))  # a method's defaults for its data
+    if note:
+        print(note, file=sys.stderr)
     _check_out_dir(args.out)
     result = train(cfg, args.out, progress=not args.quiet, resume=args.resume,
                    overwrite=args.overwrite)

@@ -50,7 +50,8 @@ __all__ = ["ADDED_LATER", "DEVICES", "DTYPES", "TrainConfig", "default_cache_dir
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
-ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32", "tensorboard": None}
+ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32", "tensorboard": None,
+                               "kernel_perplexity": None}
 """Knobs added after runs were first written, at the value those runs had: a stored config
 without one of them is read with this value, and :func:`~mapa_vae.training.checkpoint.config_json`
 leaves them out at it, so older run folders and checkpoints stay readable."""
@@ -109,6 +110,9 @@ class TrainConfig:
                                    "(required for a file)", low=0.0, open_low=True)
     rho: float = knob(0.9, "Bernoulli kernel softening", low=0.5, high=1.0, open_low=True,
                       open_high=True)
+    kernel_perplexity: float | None = knob(None, "MAPA on binary data: set the kernel's rho so that "
+                                           "q(i|n) has this median perplexity (none: --rho)",
+                                           low=1.0, open_low=True)
     latent_dim: int = knob(1, "latent dimension L", low=1)
     hidden: tuple[int, ...] = knob((50, 50, 50), "MLP widths (conv: of the fully connected head)",
                                    low=1)

@@ -10,7 +10,7 @@ the command line, ``compare`` and ``reproduce`` read everything else from the me
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,11 @@ class Method(ABC):
         if cfg.estimator != "naive" and cfg.estimator not in self.estimators:
             allowed = ", ".join(self.estimators) or "none"
             raise MapaError(f"--estimator {cfg.estimator}: method {self.name} takes {allowed}")
+
+    def resolve(self, cfg: TrainConfig, given: Collection[str]) -> tuple[TrainConfig, str | None]:
+        """``cfg`` with this method's own defaults for its data in the knobs not in ``given``
+        (the flags a user set), and one line saying what was chosen (None: nothing was)."""
+        return cfg, None
 
     def estimator(self, cfg: TrainConfig) -> str:
         """The estimator this run uses: ``cfg.estimator`` if this method has it, else its default."""

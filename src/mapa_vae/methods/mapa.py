@@ -15,14 +15,15 @@ with ``q_φ(i | x_n)`` in place of the kernel's ``q(i | n)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor
 
 from ..config import TrainConfig
 from ..data.dataset import Dataset
+from ..data.images import IMAGE_DATASETS
 from ..errors import MapaError
 from ..inference.cache import cached_posterior
 from ..inference.exact import ground_truth_posterior
@@ -30,6 +31,7 @@ from ..inference.learned_proposal import LearnedMAPA
 from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
 from ..inference.posterior import MapaPosterior, uniform_posterior
 from ..inference.tails import make_tail
+from ..kernels import BernoulliKernel, calibrate_rho
 from ..models.code_priors import build_code_prior, fit_code_prior
 from ..models.copula import fit_copula_prior, mapped_model
 from ..models.index_proposal import IndexProposalNet
@@ -38,7 +40,13 @@ from ..models.likelihoods import Likelihood
 from ..registry import METHODS, POSTERIORS
 from .base import Architecture, Method
 
-__all__ = ["LearnedPosterior", "MapaMethod", "PosteriorFactory"]
+__all__ = ["IMAGE_DEFAULTS", "LearnedPosterior", "MapaMethod", "PosteriorFactory"]
+
+IMAGE_DEFAULTS: dict[str, Any] = {"samples": 100, "k": 10, "batch_size": 100, "lr": 1e-3}
+"""MAPA's settings for binary images (a Bernoulli likelihood), by measurement on binarized
+MNIST (``benchmarks/image_settings.py``, docs/results.md "Images: time to quality and MAPA's
+settings"). ``mapa-vae train`` uses each one that no flag sets; the paper's curves (Gaussian)
+keep the :class:`~mapa_vae.config.TrainConfig` defaults."""
 
 PosteriorFactory = Callable[[LatentVariableModel, Tensor, TrainConfig, "Dataset | None"], MapaPosterior]
 """``(model, train, cfg, data) -> q(i | n)``: how a :data:`POSTERIORS` entry builds its table."""
@@ -47,8 +55,17 @@ PosteriorFactory = Callable[[LatentVariableModel, Tensor, TrainConfig, "Dataset 
 @POSTERIORS.register("kernel")
 def kernel_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
                      data: Dataset | None) -> MapaPosterior:
-    """MAPA's own ``q(i | n)`` (Eq. 8): the kernel matched to the likelihood, cached on disk."""
+    """MAPA's own ``q(i | n)`` (Eq. 8): the kernel matched to the likelihood, cached on disk;
+    with ``--kernel-perplexity``, the Bernoulli kernel whose ``ρ`` gives that median perplexity."""
     kernel = model.decoder.likelihood.kernel()
+    if cfg.kernel_perplexity is not None:
+        if not isinstance(kernel, BernoulliKernel):
+            raise MapaError(f"--kernel-perplexity calibrates the Bernoulli kernel; the "
+                            f"{model.decoder.likelihood.name} likelihood has the {kernel.name} kernel")
+        if cfg.kernel_perplexity >= train.shape[0]:
+            raise MapaError(f"--kernel-perplexity {cfg.kernel_perplexity:g} must be below the "
+                            f"number of training points, {train.shape[0]}")
+        kernel = BernoulliKernel(calibrate_rho(train, cfg.kernel_perplexity, seed=cfg.seed))
     return cached_posterior(train, kernel, cfg.cache_path, cfg.top_k, device=train.device,
                             engine=cfg.posterior_engine)[0]  # computed where training runs
 
@@ -116,6 +133,24 @@ class MapaMethod(Method):
         return MAPA(posterior.to(train.device), train, cfg.mapa_k, cfg.samples,
                     tail=make_tail(cfg.tail))
 
+    def resolve(self, cfg: TrainConfig, given: Collection[str]) -> tuple[TrainConfig, str | None]:
+        """On binary images, :data:`IMAGE_DEFAULTS` for each knob not in ``given``.
+
+        >>> cfg, note = METHODS["mapa"].resolve(TrainConfig(data="digits-binary", lr=0.01), {"lr"})
+        >>> cfg.lr, cfg.samples == IMAGE_DEFAULTS["samples"], note.startswith("MAPA on binary images")
+        (0.01, True, True)
+        >>> METHODS["mapa"].resolve(TrainConfig(data="circle"), set())[1] is None
+        True
+        """
+        if not _binary_images(cfg):
+            return cfg, None
+        chosen = {k: v for k, v in IMAGE_DEFAULTS.items() if k not in given}
+        if not chosen:
+            return cfg, None
+        shown = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())
+        return replace(cfg, **chosen), (f"MAPA on binary images: using the measured image settings "
+                                        f"{shown} (flags override each)")
+
     def validation_log_likelihood(self, model: LatentVariableModel, val: Tensor, train: Tensor,
                                   cfg: TrainConfig) -> float:
         # The model being trained is the empiricalized one; score it exactly (Eq. 6).
@@ -140,6 +175,14 @@ class MapaMethod(Method):
 
 
 METHODS.register("mapa", MapaMethod())
+
+
+def _binary_images(cfg: TrainConfig) -> bool:
+    """Whether ``cfg`` trains a Bernoulli likelihood on images: a binarized-MNIST ``.npz`` or a
+    built-in image set, with ``--likelihood bernoulli`` or that data set's own Bernoulli."""
+    npz = cfg.data.lower().endswith(".npz")
+    own = "bernoulli" if npz else getattr(IMAGE_DATASETS.get(cfg.data), "likelihood", None)
+    return (npz or cfg.data in IMAGE_DATASETS) and (cfg.likelihood or own) == "bernoulli"
 
 
 def _code_prior_config(cfg: TrainConfig) -> dict[str, Any]:
