@@ -191,15 +191,15 @@ def test_interrupt_names_resume_and_the_saved_epoch(tmp_path, monkeypatch, capsy
 
 def test_train_applies_the_configs_thread_count(tmp_path, monkeypatch):
     seen: list[int] = []
-    from mapa_vae.training import loop
+    from mapa_vae.training import engines
 
-    real = loop._seed_everything
+    real = engines.seed_everything
 
-    def spy(seed):
+    def spy(seed, copy=0):
         seen.append(torch.get_num_threads())
-        return real(seed)
+        return real(seed, copy)
 
-    monkeypatch.setattr(loop, "_seed_everything", spy)
+    monkeypatch.setattr(engines, "seed_everything", spy)
     before = torch.get_num_threads()
     train(small(tmp_path, method="vae", epochs=1, threads=3), progress=False)
     assert seen == [3] and torch.get_num_threads() == before  # applied, then restored

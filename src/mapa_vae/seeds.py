@@ -25,7 +25,7 @@ import torch
 
 from .errors import MapaError
 
-__all__ = ["CopySeeds", "check_seed", "copy_seeds", "seed_everything", "torch_seed"]
+__all__ = ["CopySeeds", "check_seed", "copy_seeds", "one_off_seed", "seed_everything", "torch_seed"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ def copy_seeds(seed: int, copy: int = 0) -> CopySeeds:
 def torch_seed(seed: int, copy: int = 0) -> int:
     """The 64-bit torch seed of copy ``copy`` of a run seeded ``seed``."""
     return copy_seeds(seed, copy).torch
+
+
+def one_off_seed(seed: int) -> int:
+    """A seed torch takes, for a generator outside the copies (a prior fit after training):
+    ``seed`` itself below ``2**64`` (what runs always used), else its copy 0's torch seed.
+
+    >>> one_off_seed(7), one_off_seed(2**70) == torch_seed(2**70)
+    (7, True)
+    """
+    seed = check_seed(seed)
+    return seed if seed < 2**64 else torch_seed(seed)
 
 
 def seed_everything(seed: int, copy: int = 0) -> CopySeeds:

@@ -12,8 +12,10 @@ decoder) in :attr:`Objective.passes`, the cost measure of the paper's Fig. 4–5
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +26,7 @@ from torch.distributions import Distribution
 from ..errors import MapaError
 from ..models.latent import LatentVariableModel
 from ..models.likelihoods import Likelihood
-from ..registry import ESTIMATORS
+from ..registry import ESTIMATORS, Estimator, estimators_of
 from .posterior import MapaPosterior
 from .tails import PerPointTail, TailProposal
 
@@ -77,7 +79,16 @@ class PassCounter:
 
 
 class Objective(ABC):
-    """A lower bound on ``log p(x)``, evaluated per example."""
+    """A lower bound on ``log p(x)``, evaluated per example.
+
+    ``batched`` says whether the bound has a batched form for ``R`` restarts trained as one
+    stacked model (training/engines.py): called on the stacked model's view with ``x``
+    ``(B, R, D)`` and ``index`` ``(B, R)``, it returns ``(B, R)`` bounds, copy ``r`` exactly its
+    own run's. An objective without one (the default) has its restarts trained one after
+    another, and the run says so in one line.
+    """
+
+    batched: bool = False
 
     def __init__(self) -> None:
         self.passes = PassCounter()
@@ -99,6 +110,8 @@ def _log_weights(model: LatentVariableModel, x: Tensor, samples: int) -> tuple[T
 
 class ELBO(Objective):
     """The VAE's evidence lower bound, ``E_q[log p(x, z) - log q(z | x)]``, with ``S`` draws."""
+
+    batched = True  # distributions broadcast over the copies' axis
 
     def __init__(self, samples: int = 1) -> None:
         super().__init__()
@@ -140,14 +153,15 @@ class IWAE(Objective):
     DReG ``value`` is returned detached, since its own gradient would be neither estimator's.
     """
 
-    ESTIMATORS = ("naive", "stl", "dreg")
+    batched = True  # distributions broadcast over the copies' axis
 
     def __init__(self, samples: int, estimator: str = "naive") -> None:
         super().__init__()
         if samples < 1:
             raise ValueError(f"IWAE needs at least one sample, got {samples}")
-        if estimator not in self.ESTIMATORS:
-            raise MapaError(f"unknown IWAE estimator {estimator!r}; choose from {', '.join(self.ESTIMATORS)}")
+        if estimator not in estimators_of("iwae"):
+            raise MapaError(f"unknown IWAE estimator {estimator!r}; choose from "
+                            f"{', '.join(estimators_of('iwae'))}")
         self.samples = samples
         self.estimator = estimator
 
@@ -169,9 +183,10 @@ class IWAE(Objective):
         return Bound(surrogate.detach(), surrogate)
 
 
-ESTIMATORS.register("naive", "plain autodiff of the bound")
-ESTIMATORS.register("stl", "sticking the landing (Roeder et al. 2017): IWAE's score term dropped")
-ESTIMATORS.register("dreg", "doubly reparameterized (Tucker et al. 2019)")
+for _e in (Estimator("naive", "iwae", "plain autodiff of the bound"),
+           Estimator("stl", "iwae", "sticking the landing (Roeder et al. 2017): IWAE's score term dropped"),
+           Estimator("dreg", "iwae", "doubly reparameterized (Tucker et al. 2019)")):
+    ESTIMATORS.register(_e)
 
 
 def _path_log_prob(q: Distribution, z: Tensor) -> Tensor:
@@ -224,6 +239,13 @@ class MAPA(Objective):
     formula above) or one proposal shared by the batch
     (:class:`~mapa_vae.inference.tails.SharedTail`), whose passes grow with the batch's unique
     atoms instead of ``B·S``.
+
+    **R copies at once.** :meth:`for_copies` gives the bound of ``R`` copies of the model
+    stacked in one (:class:`~mapa_vae.models.ensemble.Ensemble`, restart dimension before the
+    features), called with ``x`` ``(B, R, D)`` and ``index`` ``(B, R)`` (each copy its own
+    batch) and returning ``(B, R)``. Copy ``r`` draws its proposal from its own generator and
+    counts the passes its single run makes; the networks run once over the union of the copies'
+    atoms, which each copy gathers from.
     """
 
     def __init__(
@@ -247,11 +269,25 @@ class MAPA(Objective):
         self.k = k
         self.samples = samples
         self.reuse = reuse
-        self.generator = generator
+        self.batched = reuse  # stacked copies share the networks' passes (for_copies)
         self.tail = tail if tail is not None else PerPointTail()
+        self.generators: list[torch.Generator | None] = [generator]  # one per copy
+        self.passes_per_copy = [self.passes]
 
-    def proposal(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch's atom indices ``(B, k+S)`` and the log-weights' offsets ``(B, k+S)``.
+    def for_copies(self, generators: Sequence[torch.Generator]) -> MAPA:
+        """This bound for ``R = len(generators)`` stacked copies (see the class docstring);
+        copy ``r`` draws from ``generators[r]`` and counts in ``passes_per_copy[r]``."""
+        if not self.reuse:
+            raise ValueError("stacked copies share their networks' passes: they need reuse=True")
+        stacked = copy.copy(self)
+        stacked.generators = list(generators)
+        stacked.passes_per_copy = [PassCounter() for _ in generators]
+        stacked.passes = stacked.passes_per_copy[0]
+        return stacked
+
+    def proposal(self, index: Tensor, r: int = 0) -> tuple[Tensor, Tensor]:
+        """The batch's atom indices ``(B, k+S)`` and the log-weights' offsets ``(B, k+S)``,
+        the tail drawn from copy ``r``'s generator.
 
         The offset is 0 for ``B_n(k)``; for the tail draws it is the tail proposal's importance
         weight (``-log q̃_k(i_s|n) - log S`` per point, ``-inf`` where a row skips a draw).
@@ -261,25 +297,60 @@ class MAPA(Objective):
         if self.samples == 0:
             return top, offset
         tail, tail_offset = self.tail.draw(self.posterior, index, self.k, self.samples,
-                                           self.generator)  # (B, S) each
+                                           self.generators[r])  # (B, S) each
         return torch.cat([top, tail], 1), torch.cat([offset, tail_offset.to(offset.dtype)], 1)
 
     def __call__(self, model: LatentVariableModel, x: Tensor, index: Tensor) -> Bound:
-        atom_idx, offset = self.proposal(index)  # (B, k+S) each
+        one = index.dim() == 1  # a single model; else R stacked copies
+        if one:
+            x, index = x[:, None, :], index[:, None]  # (B, 1, D), (B, 1)
+        b, r_all = index.shape
+        if r_all != len(self.generators):
+            raise ValueError(f"{r_all} copies' indices for a bound of {len(self.generators)}")
+        parts = [self.proposal(index[:, r], r) for r in range(r_all)]
+        atom_idx = torch.stack([p[0] for p in parts], 1)  # (B, R, k+S)
+        offset = torch.stack([p[1] for p in parts], 1)  # (B, R, k+S)
+        lik = model.decoder.likelihood
         if self.reuse:
-            unique, inverse = torch.unique(atom_idx, return_inverse=True)  # (U,), (B, k+S)
-            params = model.decoder.net(model.encoder(self.atoms[unique]))  # (U, D')
-            log_p = score_pairs(model.decoder.likelihood, params, x, inverse)  # (B, k+S)
-            n_passes = unique.numel()
+            unique, inverse, used = _unique_atoms(atom_idx, self.posterior.n_points)
+            atoms = self.atoms[unique]  # (U, D)
+            if not one:
+                atoms = atoms[:, None, :].expand(-1, r_all, -1)  # (U, R, D)
+            params = model.decoder.net(model.encoder(atoms)).reshape(unique.numel(), r_all, -1)
+            if lik.matmul_pairs:  # each copy's pairs scored as its single run scores them
+                log_p = torch.stack([score_pairs(lik, params[:, r], x[:, r], inverse[:, r])
+                                     for r in range(r_all)], 1)  # (B, R, k+S)
+            else:
+                copy_of = torch.arange(r_all, device=x.device)[:, None]  # (R, 1)
+                log_p = lik(params[inverse, copy_of]).log_prob(x[:, :, None, :])  # (B, R, k+S)
+            for counter, n_passes in zip(self.passes_per_copy, used, strict=True):
+                counter.add(n_passes, n_passes, b)  # what the copy's single run passes
         else:
+            if not one:
+                raise ValueError("stacked copies need reuse=True")
             flat = atom_idx.reshape(-1)
             params = model.decoder.net(model.encoder(self.atoms[flat]))
-            params = params.reshape(*atom_idx.shape, -1)
-            log_p = model.decoder.likelihood(params).log_prob(x[:, None, :])  # (B, k+S)
-            n_passes = flat.numel()
-        self.passes.add(n_passes, n_passes, x.shape[0])
-        value = torch.logsumexp(log_p + offset, -1) - math.log(self.posterior.n_points)
+            params = params.reshape(*atom_idx.shape, -1)  # (B, 1, k+S, D')
+            log_p = lik(params).log_prob(x[:, :, None, :])  # (B, 1, k+S)
+            self.passes.add(flat.numel(), flat.numel(), b)
+        value = torch.logsumexp(log_p + offset, -1) - math.log(self.posterior.n_points)  # (B, R)
+        if one:
+            value = value[:, 0]
         return Bound(value, value)
+
+
+def _unique_atoms(atom_idx: Tensor, n: int) -> tuple[Tensor, Tensor, list[int]]:
+    """``torch.unique(atom_idx, return_inverse=True)`` for indices in ``[0, n)`` ``(B, R, m)``,
+    by a mask over the ``n`` atoms (``O(n + B·R·m)``, no sort), and the number of unique atoms
+    of each copy ``r`` (``atom_idx[:, r]``), what its single run passes through the networks."""
+    r_all = atom_idx.shape[1]
+    seen = torch.zeros(r_all, n, dtype=torch.bool, device=atom_idx.device)  # (R, N)
+    copy_of = torch.arange(r_all, device=atom_idx.device)[None, :, None]  # (1, R, 1)
+    seen[copy_of.expand_as(atom_idx), atom_idx] = True
+    union = seen.any(0)  # (N,)
+    unique = union.nonzero()[:, 0]  # (U,), ascending as torch.unique's
+    rank = torch.cumsum(union, 0) - 1  # (N,): an atom's place in ``unique``
+    return unique, rank[atom_idx], seen.sum(1).tolist()
 
 
 class EmpiricalLogLikelihood(Objective):

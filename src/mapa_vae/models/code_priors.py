@@ -16,7 +16,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,9 +33,11 @@ from torch.distributions import (
 
 from ..errors import MapaError
 from ..registry import CODE_PRIORS
+from ..seeds import one_off_seed
 from .latent import CodeEncoder, LatentVariableModel, Prior
 
-__all__ = ["CodePrior", "FlowPrior", "MixturePrior", "build_code_prior", "fit_code_prior"]
+__all__ = ["CodePrior", "FlowPrior", "KernelDensityPrior", "MixturePrior", "build_code_prior",
+           "fit_code_prior"]
 
 
 class CodePrior(Prior, ABC):
@@ -182,8 +184,120 @@ class FlowPrior(CodePrior):
         return step
 
 
+class _KernelDensity(Distribution):
+    """``p(z) = (1/N) Σ_n N(z; a_n, h² I)`` over atoms ``a`` ``(N, L)``, event shape ``(L,)``.
+
+    ``log_prob`` is a log-sum-exp over the atoms in chunks of queries, so memory is
+    ``O(chunk · N)`` whatever the number of queries.
+    """
+
+    arg_constraints: ClassVar[dict[str, Any]] = {}
+    has_rsample = False
+    _CHUNK_ENTRIES = 1 << 22  # (chunk, N) squared distances at a time
+
+    def __init__(self, atoms: Tensor, bandwidth: Tensor) -> None:
+        self.atoms, self.bandwidth = atoms, bandwidth
+        super().__init__(event_shape=atoms.shape[1:], validate_args=False)
+
+    @property
+    def mean(self) -> Tensor:
+        return self.atoms.mean(0)
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        n, dim = self.atoms.shape
+        z = value.reshape(-1, dim)  # (M, L)
+        sq_a = self.atoms.pow(2).sum(-1)  # (N,)
+        const = -math.log(n) - 0.5 * dim * (math.log(2 * math.pi) + 2 * self.bandwidth.log())
+        out = []
+        for chunk in z.split(max(1, self._CHUNK_ENTRIES // n)):
+            sq = (chunk.pow(2).sum(-1, keepdim=True) - 2 * chunk @ self.atoms.T + sq_a).clamp_min(0)
+            out.append(torch.logsumexp(sq / (-2 * self.bandwidth**2), -1))  # (chunk,)
+        log_p = torch.cat(out) if out else z.new_empty(0)
+        return (log_p + const).reshape(value.shape[:-1])
+
+    def sample(self, sample_shape: torch.Size | Sequence[int] = ()) -> Tensor:
+        shape = torch.Size(sample_shape)
+        with torch.no_grad():
+            pick = torch.randint(self.atoms.shape[0], shape, device=self.atoms.device)
+            return self.atoms[pick] + self.bandwidth * torch.randn(
+                *shape, self.atoms.shape[1], dtype=self.atoms.dtype, device=self.atoms.device)
+
+
+class KernelDensityPrior(CodePrior):
+    """``p(z) = (1/N) Σ_n N(z; z_n, h² I)`` over the training codes: the Exemplar VAE's prior.
+
+    Buffers: ``atoms`` ``(N, L)``, the codes the fit was given, and ``bandwidth`` ``()``. An
+    unfitted prior holds one atom at the origin; loading a state dict takes the stored number
+    of atoms. ``bandwidth=None`` (the default) fits ``h`` by maximizing the mean held-out
+    log-density over ``log h``: a grid of factors ``e^-3 … e^3`` of Scott's rule
+    ``h₀ = σ̄ N^(-1/(L+4))`` (``σ̄`` the mean per-coordinate standard deviation), refined by
+    golden-section search between the best grid point's neighbours; a given ``bandwidth`` is
+    kept as it is. Deterministic: no random draws.
+    """
+
+    kind = "kde"
+    atoms: Tensor
+    bandwidth: Tensor
+
+    def __init__(self, latent_dim: int, bandwidth: float | None = None) -> None:
+        super().__init__()
+        if latent_dim < 1:
+            raise MapaError(f"a kde prior needs latent_dim >= 1, got {latent_dim}")
+        if bandwidth is not None and not (math.isfinite(bandwidth) and bandwidth > 0):
+            raise MapaError(f"--kde-bandwidth must be a positive number, got {bandwidth}")
+        self.latent_dim, self.fixed_bandwidth = latent_dim, bandwidth
+        self.register_buffer("atoms", torch.zeros(1, latent_dim))
+        self.register_buffer("bandwidth", torch.tensor(1.0 if bandwidth is None else float(bandwidth)))
+
+    def forward(self) -> Distribution:
+        return _KernelDensity(self.atoms, self.bandwidth)
+
+    def config(self) -> dict[str, Any]:
+        return {"bandwidth": self.fixed_bandwidth}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        stored = state_dict.get(prefix + "atoms")
+        if stored is not None:  # the number of atoms is the fitted codes', not the config's
+            self.atoms = self.atoms.new_empty(stored.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    @torch.no_grad()
+    def fit(self, train: Tensor, held_out: Tensor, steps: int) -> int:
+        """Keep ``train`` as the atoms and choose ``h`` on ``held_out`` with at most ``steps``
+        evaluations of the held-out log-density; returns the evaluations used."""
+        self.atoms = train.detach().clone()
+        if self.fixed_bandwidth is not None:
+            return 0
+        n, dim = train.shape
+        scott = float(train.std(0).mean().clamp_min(1e-6)) * n ** (-1.0 / (dim + 4))
+
+        def score(log_h: float) -> float:
+            value = float(_KernelDensity(self.atoms, train.new_tensor(math.exp(log_h))).log_prob(
+                held_out).mean())
+            return value if math.isfinite(value) else -math.inf
+
+        grid = [math.log(scott) + 0.5 * i for i in range(-6, 7)]  # e^-3 … e^3 around Scott's rule
+        scores = [score(g) for g in grid[: max(1, steps)]]
+        used = len(scores)
+        best = max(range(used), key=scores.__getitem__)
+        lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, used - 1)]
+        best_h, best_score = grid[best], scores[best]
+        golden = (math.sqrt(5) - 1) / 2
+        while used < steps and hi - lo > 1e-3:  # golden-section search on the bracket
+            a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
+            sa, sb = score(a), score(b)
+            used += 2
+            for h, sh in ((a, sa), (b, sb)):
+                if sh > best_score:
+                    best_h, best_score = h, sh
+            lo, hi = (lo, b) if sa >= sb else (a, hi)
+        self.bandwidth.fill_(math.exp(best_h))
+        return used
+
+
 CODE_PRIORS.register(MixturePrior.kind, MixturePrior)
 CODE_PRIORS.register(FlowPrior.kind, FlowPrior)
+CODE_PRIORS.register(KernelDensityPrior.kind, KernelDensityPrior)
 
 
 def build_code_prior(kind: str, latent_dim: int, **config: Any) -> CodePrior:
@@ -224,7 +338,7 @@ def fit_code_prior(
         raise MapaError("the trained encoder gives non-finite codes; no prior can be fitted to them")
     devices = [codes.device] if codes.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(one_off_seed(seed))
         prior = build_code_prior(kind, codes.shape[1], **config).to(codes)
         order = torch.randperm(codes.shape[0], device=codes.device)
         n_held = round(held_out * codes.shape[0])

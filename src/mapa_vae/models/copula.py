@@ -39,6 +39,7 @@ from torch.distributions import (
 
 from ..errors import MapaError
 from ..registry import PRIOR_FITS
+from ..seeds import one_off_seed
 from .latent import CodeEncoder, LatentVariableModel, StandardNormal
 
 __all__ = [
@@ -137,7 +138,7 @@ def fit_copula_prior(
     if not isinstance(model.encoder, CodeEncoder):
         raise MapaError("the copula prior applies to MAPA models (a deterministic encoder)")
     PRIOR_FITS[method]  # an unknown name is a one-line error
-    torch.manual_seed(seed)
+    torch.manual_seed(one_off_seed(seed))
     with torch.no_grad():
         codes = model.encoder(x)  # (N, 1)
         target_z = copula_codes(codes)  # (N, 1)

@@ -23,7 +23,7 @@ from ..config import ADDED_LATER, TrainConfig
 from ..errors import MapaError
 from ..storage import load_tensors, save_tensors
 
-__all__ = ["RESUMABLE", "Checkpoint", "config_json"]
+__all__ = ["RESUMABLE", "Checkpoint", "CopyProgress", "config_json"]
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 RESUMABLE = ("epochs", "cache_dir", "device", "threads")
@@ -34,6 +34,19 @@ def config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device"
     d = {k: v for k, v in dataclasses.asdict(cfg).items()
          if k not in drop and not (k in ADDED_LATER and v == ADDED_LATER[k])}  # as older runs wrote
     return json.dumps(d, sort_keys=True, default=str)
+
+
+@dataclass
+class CopyProgress:
+    """One copy's progress (of the ``R`` a run trains; the chosen one's is also the checkpoint's)."""
+
+    seed: int | None  # the copy's torch seed (mapa_vae.seeds); older runs: seed + r, or none
+    best_val: float = -math.inf
+    best_epoch: int = -1  # -1: no finite validation score yet
+    last_val: float | None = None
+    skipped: int = 0
+    steps: int = 0
+    best_model: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,7 +67,18 @@ class Checkpoint:
     train_seconds: float = 0.0  # cumulative over every part of the run
     passes: dict[str, int] = field(default_factory=dict)  # cumulative PassCounter fields
     history: list[dict[str, Any]] = field(default_factory=list)
-    restarts: dict[str, Any] = field(default_factory=dict)  # R > 1: every copy's progress and RNG
+    restarts: dict[str, Any] = field(default_factory=dict)  # every copy's progress, RNG and passes
+
+    def per_copy(self) -> dict[str, Any]:
+        """``restarts``: the engine's name, every copy's RNG states (``rng``, ``rng_device``),
+        progress (``copies``, :class:`CopyProgress` fields) and passes. A checkpoint of a single
+        run written before runs trained copies has none: its own fields are its one copy's."""
+        if self.restarts:
+            return self.restarts
+        one = CopyProgress(None, self.best_val, self.best_epoch, self.last_val, self.skipped,
+                           self.steps, self.best_model)
+        return {"engine": "sequential", "rng": self.torch_rng[None], "rng_device": None,
+                "copies": [dataclasses.asdict(one)], "passes": [self.passes]}
 
     def save(self, path: str | Path) -> None:
         """Write atomically (a crash leaves the previous checkpoint)."""

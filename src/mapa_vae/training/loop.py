@@ -1,17 +1,27 @@
 """One readable training loop, with best-on-validation selection and resumable checkpoints.
 
-``train(config, out_dir)`` reads top to bottom: load the data; build the method's model,
-objective and optimizer; for each epoch, for each batch, evaluate the bound and step the
-optimizer on its negative mean; every ``eval_every`` epochs score the validation set under
-``no_grad``, keep the best weights and write a :class:`~mapa_vae.training.checkpoint.Checkpoint`;
-then finalize (MAPA: the copula prior), evaluate on the test set (test KL when the ground truth
-is known), judge whether a usable model came out, and write the run directory:
+``train(config, out_dir)`` reads top to bottom: load the data; build ``R = cfg.restarts``
+copies of the method's model (one by default in tests, three by default on the command line),
+their objectives and optimizers, as an engine (:mod:`~mapa_vae.training.engines`: one batched
+model or the copies in turn; copy ``r`` seeded from ``(seed, r)``, :mod:`mapa_vae.seeds`); for
+each epoch, for each batch, evaluate every copy's bound and step its optimizer on its negative
+mean; every ``eval_every`` epochs score each copy on the validation set under ``no_grad``, keep
+each copy's best weights and write a :class:`~mapa_vae.training.checkpoint.Checkpoint`; then
+keep the copy with the best validation score, finalize it (MAPA: the copula prior), evaluate it
+on the test set (test KL when the ground truth is known), judge whether a usable model came
+out, and write the run directory:
 
 - ``config.json``: the full :class:`TrainConfig`, the data dimension and the split sizes used;
 - ``model.pt``: the final generative model's weights (safe to load: tensors only);
 - ``trained.pt``: the weights as trained, before :meth:`~mapa_vae.methods.Method.finalize`;
-- ``checkpoint.pt``: optimizer, RNG state, progress and cumulative cost, for ``--resume``;
-- ``metrics.json`` and ``history.json`` (strict JSON: a non-finite number is ``null``).
+- ``checkpoint.pt``: every copy's weights, optimizer, RNG state and progress, and the run's
+  cumulative cost, for ``--resume``;
+- ``metrics.json``: the chosen copy's scores, and every copy's in the ``…_per_copy`` lists;
+- ``history.json``: one record per epoch, ``{"epoch", "train_bound", "val_log_lik"
+  (validation epochs), "train_bound_per_copy", "val_log_lik_per_copy"}``, the unsuffixed
+  values the chosen copy's (strict JSON: a non-finite number is ``null``);
+- ``curves.png``: those curves (:func:`~mapa_vae.training.curves.write_curves`); with
+  ``cfg.tensorboard`` each record is logged to TensorBoard as it is made.
 
 A step whose loss, decoder output or gradient is not finite is skipped (the weights and the
 optimizer state do not change) and counted; a checkpoint never holds a non-finite tensor. A run
@@ -25,8 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
-import random
 import sys
 import time
 from collections.abc import Iterator
@@ -36,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -46,14 +55,16 @@ from ..data.images import IMAGE_DATASETS
 from ..data.loading import load_dataset
 from ..errors import MapaError, NoUsableModel
 from ..evaluation.likelihood import test_kl
-from ..methods.base import Architecture, Method
+from ..methods.base import Method
 from ..models.latent import LatentVariableModel
 from ..models.likelihoods import Likelihood, make_likelihood
-from ..registry import BATCHINGS, METHODS
+from ..registry import METHODS
+from ..seeds import copy_seeds
 from ..storage import save_tensors, write_json
-from .checkpoint import RESUMABLE, Checkpoint, config_json
+from .checkpoint import RESUMABLE, Checkpoint, CopyProgress, config_json
+from .curves import TensorBoardLog, per_copy, write_curves
 from .distributed import init_parallel, resolve_device
-from .restarts import train_restarts
+from .engines import Engine, make_engine
 
 __all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "evaluate_final",
            "train"]
@@ -94,86 +105,80 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     out = Path(out_dir) if out_dir is not None and par.main else None  # only rank 0 writes
     saved = _SavedEpoch(out)  # what an interrupt tells the user to --resume from
     with _threads(cfg.threads), _run_directory(out, resume, overwrite), saved:
-        _seed_everything(cfg.seed)
         dtype = getattr(torch, cfg.dtype)
         train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
-        restarts: dict[str, Any] = {}
-        if cfg.restarts > 1:  # R copies in one process, the best by validation (training/restarts.py)
-            fit = train_restarts(method, cfg, data, likelihood, train_x, val_x, par, out, resume,
-                                 progress, saved)
-            model, state, passes, restarts = fit.model, fit.state, fit.passes, fit.metrics
-        else:
-            # --- model, objective, optimizer
-            model = method.build(Architecture.from_config(cfg, data.dim), likelihood, cfg)
-            model = model.to(device, dtype)
-            objective = method.objective(model, train_x, cfg, data)
-            opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-            state = Checkpoint(model.state_dict(), opt.state_dict(), copy.deepcopy(model.state_dict()),
-                               torch.get_rng_state(), config_json(cfg, RESUMABLE))
-            if resume:
-                state = _resume(out, cfg, model, opt)
-            objective.passes.reset()
-            for name, count in state.passes.items():  # cumulative over the run's earlier parts
-                setattr(objective.passes, name, count)
-            watch = _DecoderWatch(model)
-            clock = time.perf_counter() - state.train_seconds  # cumulative too
-            saved.epoch = state.epoch if resume else None
-            bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data}",
-                       disable=not (progress and par.main), initial=state.epoch, total=cfg.epochs,
-                       leave=False)
-            try:
-                for epoch in bar:
-                    # --- one epoch of steps
-                    model.train()
-                    bound_sum = 0.0
-                    for index in BATCHINGS[cfg.batching](train_x, cfg.batch_size):  # an epoch's order
-                        local = par.shard(index).to(device)  # this process's share of the global batch
-                        watch.clear()
-                        bound = objective(model, train_x[local], local)
-                        loss = -bound.surrogate.sum() / index.numel()  # its share of the global mean
-                        state.steps += 1
-                        if not par.all_true(watch.finite(loss), device):
-                            state.skipped += 1  # skip the step and count it; weights stay as they were
-                            continue
-                        opt.zero_grad()
-                        loss.backward()
-                        par.sum_gradients(model)
-                        if not _grads_finite(model):  # e.g. 0 · inf where a weight vanished: same policy
-                            opt.zero_grad()
-                            state.skipped += 1
-                            continue
-                        opt.step()
-                        bound_sum += float(bound.value.detach().sum())
-                    record = {"epoch": epoch + 1, "train_bound": par.sum_scalar(bound_sum) / train_x.shape[0]}
-                    validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-                    # --- validate under no_grad, keep the best, checkpoint
-                    weights_finite = False
-                    if validate:
-                        model.eval()
-                        with torch.no_grad():
-                            val = method.validation_log_likelihood(model, val_x, train_x, cfg)
-                        record["val_log_lik"] = state.last_val = val
-                        weights_finite = _finite(model.state_dict())
-                        if val > state.best_val and weights_finite:
-                            state.best_val, state.best_epoch = val, epoch + 1
-                            state.best_model = copy.deepcopy(model.state_dict())
-                        bar.set_postfix(bound=f"{record['train_bound']:.3f}", val=f"{val:.3f}")
-                    state.history.append(record)
-                    state.epoch = epoch + 1
-                    if validate and out is not None and weights_finite:
-                        state.model, state.optimizer = model.state_dict(), opt.state_dict()
-                        state.torch_rng = torch.get_rng_state()
-                        writing = time.perf_counter()
-                        state.train_seconds = writing - clock
-                        state.passes = dataclasses.asdict(objective.passes)
-                        state.save(out / "checkpoint.pt")
-                        clock += time.perf_counter() - writing  # writing files is not training
-                        saved.epoch = state.epoch
-            finally:
-                watch.remove()
-                bar.close()
-            state.train_seconds = time.perf_counter() - clock
-            passes = objective.passes
+        # --- the copies (one unless --restarts), each seeded from (seed, r), and their optimizers
+        engine, sequential_because = make_engine(method, cfg, data, likelihood, train_x, par)
+        copies = [CopyProgress(copy_seeds(cfg.seed, r).torch,
+                               best_model=copy.deepcopy(engine.member(r).state_dict()))
+                  for r in range(cfg.restarts)]  # as each run starts: its initial weights
+        state = Checkpoint(engine.module.state_dict(), {}, {}, torch.get_rng_state(),
+                           config_json(cfg, RESUMABLE))
+        if resume:
+            state = _resume(out, cfg, engine, copies)
+        board = TensorBoardLog(cfg.tensorboard) if cfg.tensorboard and par.main else None
+        clock = time.perf_counter() - state.train_seconds  # cumulative over the run's parts
+        saved.epoch = state.epoch if resume else None
+        bar = tqdm(range(state.epoch, cfg.epochs), desc=f"{cfg.method} {cfg.data} ×{cfg.restarts}",
+                   disable=not (progress and par.main), initial=state.epoch, total=cfg.epochs,
+                   leave=False)
+        try:
+            for epoch in bar:
+                # --- one epoch of steps: every copy its own batches, from its own stream
+                engine.train()
+                batches = [engine.batches(r, train_x) for r in range(cfg.restarts)]
+                bound_sum = torch.zeros(cfg.restarts, dtype=torch.float64)
+                for index in itertools.zip_longest(*batches):
+                    ok, sums = engine.step(index, train_x)
+                    bound_sum += sums
+                    for c, taken, drawn in zip(copies, ok.tolist(), index, strict=True):
+                        if drawn is not None:
+                            c.steps += 1
+                            c.skipped += not taken  # a skipped step leaves its weights as they were
+                n = train_x.shape[0]
+                record: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "train_bound_per_copy": [par.sum_scalar(float(s)) / n for s in bound_sum]}
+                validate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+                # --- validate every copy under no_grad, keep each one's best, checkpoint
+                finite = True
+                if validate:
+                    vals = []
+                    for r, c in enumerate(copies):
+                        member = engine.member(r).eval()
+                        with engine.streams.use(r), torch.no_grad():  # it may draw (IWAE, L > 1)
+                            c.last_val = method.validation_log_likelihood(member, val_x, train_x, cfg)
+                        vals.append(c.last_val)
+                        weights_finite = _finite(member.state_dict())
+                        finite &= weights_finite
+                        if c.last_val > c.best_val and weights_finite:
+                            c.best_val, c.best_epoch = c.last_val, epoch + 1
+                            c.best_model = copy.deepcopy(member.state_dict())
+                    record["val_log_lik_per_copy"] = vals
+                    bar.set_postfix(best_val=f"{max(c.best_val for c in copies):.3f}")
+                _choose(record, _chosen(copies))  # so far; the final choice rewrites it
+                state.history.append(record)
+                state.epoch = epoch + 1
+                if board is not None:
+                    board.log_epoch(record)
+                if validate and out is not None and finite:
+                    writing = time.perf_counter()
+                    state.train_seconds = writing - clock
+                    _fill(state, engine, copies)
+                    state.save(out / "checkpoint.pt")
+                    clock += time.perf_counter() - writing  # writing files is not training
+                    saved.epoch = state.epoch
+        finally:
+            engine.close()
+            bar.close()
+            if board is not None:
+                board.close()
+        state.train_seconds = time.perf_counter() - clock
+        chosen = _chosen(copies)
+        _fill(state, engine, copies)
+        for record in state.history:
+            _choose(record, chosen)
+        model, passes = engine.member(chosen), engine.passes(chosen)
         if not par.main:  # the other replicas are done: rank 0 finalizes, evaluates and writes
             par.close()
             return TrainResult(cfg, model, model, data, {}, state.history)
@@ -196,7 +201,17 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             "train_seconds": state.train_seconds,
             "seconds_per_epoch": state.train_seconds / max(1, state.epoch),
             "passes_per_point_per_step": passes.per_point(),
-            **restarts,
+            # every copy's, the chosen one's above
+            "restarts": cfg.restarts,
+            "restart": chosen,
+            "restart_engine": engine.name,
+            "restart_sequential_because": sequential_because,
+            "seed_per_copy": [c.seed for c in copies],
+            "best_epoch_per_copy": [c.best_epoch for c in copies],
+            "best_val_selection_score_per_copy": [c.best_val for c in copies],
+            "last_val_selection_score_per_copy": [c.last_val for c in copies],
+            "steps_per_copy": [c.steps for c in copies],
+            "skipped_steps_per_copy": [c.skipped for c in copies],
         }
         null = _null_decoder_log_lik(likelihood, data.val)
         problem = diagnose(state, null)
@@ -222,6 +237,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
                 save_tensors(out / "trained.pt", {"model": trained.state_dict(), "config": tag})
             write_json(out / "metrics.json", metrics)
             write_json(out / "history.json", state.history)
+            write_curves(state.history, out / "curves.png")
             write_json(out / "config.json", {
                 **dataclasses.asdict(cfg), "data_dim": data.dim, "likelihood_config": lik_config,
                 "data_sizes": {k: metrics[k] for k in ("n_train", "n_val", "n_test")}})
@@ -276,16 +292,12 @@ def _warnings(state: Checkpoint) -> list[str]:
 def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
     """Validation / test log-likelihood of the final model, and the test KL when known."""
     t = time.perf_counter()
-    out: dict[str, Any] = {
-        "val_log_lik": float(method.log_likelihood(model, data.val, grid).mean()),
-    }
+    test = method.evaluate(model, data.test, grid, train=data.train)  # the referee, methods/base.py
+    out: dict[str, Any] = {"val_log_lik": method.evaluate(model, data.val, grid, train=data.train).mean,
+                           **test.metrics("test")}
     if data.truth is not None:
-        kl = test_kl(data.truth.model, model, data.test, grid,
-                     log_lik_model=method.log_likelihood(model, data.test, grid))
-        out.update(test_log_lik=kl.log_lik_model, test_log_lik_truth=kl.log_lik_truth,
-                   test_kl=kl.kl, test_kl_stderr=kl.stderr)
-    else:
-        out["test_log_lik"] = float(method.log_likelihood(model, data.test, grid).mean())
+        kl = test_kl(data.truth.model, model, data.test, grid, log_lik_model=test.values)
+        out.update(test_log_lik_truth=kl.log_lik_truth, test_kl=kl.kl, test_kl_stderr=kl.stderr)
     out["eval_seconds"] = time.perf_counter() - t
     return out
 
@@ -293,21 +305,65 @@ def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, gr
 # ----------------------------------------------------------------------------- the loop's helpers
 
 
-def _resume(out: Path | None, cfg: TrainConfig, model: torch.nn.Module,
-            opt: torch.optim.Optimizer) -> Checkpoint:
-    """Load ``out/checkpoint.pt`` into the model, optimizer and torch RNG."""
+def _resume(out: Path | None, cfg: TrainConfig, engine: Engine,
+            copies: list[CopyProgress]) -> Checkpoint:
+    """Load ``out/checkpoint.pt`` into the engine (weights, optimizers, streams, passes) and
+    ``copies``; older records of the history are read in today's shape."""
     if out is None or not (out / "checkpoint.pt").exists():
         raise MapaError(f"--resume: no checkpoint in {out}")
     path = out / "checkpoint.pt"
     state = Checkpoint.load(path, cfg)
+    saved = state.per_copy()
     try:
-        model.load_state_dict(state.model)
-        opt.load_state_dict(state.optimizer)
-        torch.set_rng_state(state.torch_rng)
+        if saved.get("engine") != engine.name:
+            raise ValueError(f"written by the {saved.get('engine')} engine, this run is {engine.name}")
+        if len(saved["copies"]) != len(copies):
+            raise ValueError(f"{len(saved['copies'])} copies there, {len(copies)} now")
+        engine.module.load_state_dict(state.model)
+        engine.load_optimizer(state.optimizer)
+        engine.streams.load(saved)
+        copies[:] = [CopyProgress(**c) for c in saved["copies"]]
+        engine.set_passes(saved["passes"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MapaError(f"{path}: does not fit this run ({first})") from None
+    for record in state.history:  # older runs: one float, or a list over the copies
+        for key in ("train_bound", "val_log_lik"):
+            values = per_copy(record, key)
+            if values is not None:
+                record[f"{key}_per_copy"] = values
     return state
+
+
+def _chosen(copies: list[CopyProgress]) -> int:
+    """The copy with the best validation score (the first on a tie; 0 if none is finite)."""
+    best = max(range(len(copies)), key=lambda r: (copies[r].best_val, -r))
+    return best if math.isfinite(copies[best].best_val) else 0
+
+
+def _choose(record: dict[str, Any], r: int) -> None:
+    """A history record's scores of copy ``r``, beside every copy's."""
+    record["train_bound"] = record["train_bound_per_copy"][r]
+    if "val_log_lik_per_copy" in record:
+        record["val_log_lik"] = record["val_log_lik_per_copy"][r]
+
+
+def _fill(state: Checkpoint, engine: Engine, copies: list[CopyProgress]) -> None:
+    """Write every copy's progress into ``state``; its own fields are the chosen copy's (what
+    :func:`diagnose` and the metrics read)."""
+    r = _chosen(copies)
+    chosen = copies[r]
+    state.model, state.optimizer = engine.module.state_dict(), engine.optimizer_state()
+    state.best_model = chosen.best_model
+    state.best_val, state.best_epoch, state.last_val = chosen.best_val, chosen.best_epoch, chosen.last_val
+    state.skipped, state.steps = chosen.skipped, chosen.steps
+    state.passes = dataclasses.asdict(engine.passes(r))
+    state.torch_rng = torch.get_rng_state()
+    state.restarts = {
+        "engine": engine.name, **engine.streams.state(),
+        "copies": [dataclasses.asdict(c) for c in copies],
+        "passes": [dataclasses.asdict(engine.passes(i)) for i in range(len(copies))],
+    }
 
 
 @contextmanager
@@ -388,48 +444,12 @@ def _announcer(progress: bool, prefix: str):
     return say
 
 
-class _DecoderWatch:
-    """Records, per training forward, whether the decoder network's output is finite."""
-
-    def __init__(self, model: LatentVariableModel) -> None:
-        self.flags: list[torch.Tensor] = []
-        self.hook = model.decoder.net.register_forward_hook(self._record)
-
-    def _record(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        if module.training and torch.is_grad_enabled():
-            self.flags.append(torch.isfinite(output).all())  # no device sync here
-
-    def clear(self) -> None:
-        self.flags.clear()
-
-    def finite(self, loss: torch.Tensor) -> bool:
-        return bool(torch.stack([torch.isfinite(loss), *self.flags]).all())
-
-    def remove(self) -> None:
-        self.hook.remove()
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)  # noqa: NPY002  (seeds user code that uses the legacy global RNG)
-    torch.manual_seed(seed)
-
-
 def _likelihood_config(cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
     """The observation model: ``cfg.likelihood``, else the data set's own (a built-in image set
-    names one; curves and files are Gaussian), with the curve's noise variance by default."""
-    name = cfg.likelihood or (IMAGE_DATASETS[cfg.data].likelihood if cfg.data in IMAGE_DATASETS
-                              else "gaussian")
-    if name == "gaussian":
-        noise_var = cfg.noise_var
-        if noise_var is None:
-            if data.truth is None:
-                raise MapaError(f"{cfg.data}: a Gaussian likelihood needs --noise-var on this data "
-                                "(or choose --likelihood bernoulli / continuous-bernoulli for data "
-                                "in [0, 1])")
-            noise_var = data.truth.noise_var
-        return {"name": "gaussian", "noise_var": noise_var}
-    return {"name": name, "rho": cfg.rho}
+    names one; curves and files are Gaussian), with the settings that likelihood reads from the
+    config (:meth:`~mapa_vae.models.likelihoods.Likelihood.settings`)."""
+    default = IMAGE_DATASETS[cfg.data].likelihood if cfg.data in IMAGE_DATASETS else "gaussian"
+    return Likelihood.for_run(cfg, data, default)
 
 
 def _check_data(likelihood: Likelihood, data: Dataset, name: str) -> None:
@@ -451,9 +471,4 @@ def _null_decoder_log_lik(likelihood: Likelihood, x: torch.Tensor) -> float:
 
 
 def _finite(state: dict[str, torch.Tensor]) -> bool:
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
-
-def _grads_finite(model: torch.nn.Module) -> bool:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())

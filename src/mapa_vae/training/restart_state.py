@@ -1,4 +1,4 @@
-"""Per-restart state of restarts trained together (:mod:`~mapa_vae.training.restarts`): the
+"""Per-copy state of the copies a run trains together (:mod:`~mapa_vae.training.engines`): the
 sampling streams and Adam with a step count per restart."""
 
 from __future__ import annotations
