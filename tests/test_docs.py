@@ -18,21 +18,42 @@ FENCE = re.compile(r"^```.*?^```", re.MULTILINE | re.DOTALL)
 ISSUE_NUMBER = re.compile(r"\bissues?\s*(?:#\s*)?\d+", re.IGNORECASE)
 
 
-def relative_links(text: str) -> list[str]:
-    """The relative targets of Markdown links and images outside fenced code, anchors dropped.
+def links(text: str) -> list[tuple[str, str]]:
+    """``(path, anchor)`` of every relative Markdown link or image outside fenced code; the path
+    is empty for an anchor on the same page, the anchor empty when there is none.
 
-    >>> relative_links("[a](docs/x.md#top) [b](https://e.org) ![c](f.png) [d](#here)")
-    ['docs/x.md', 'f.png']
-    >>> relative_links("```\\n[a](nowhere.md)\\n```\\n[b](y.md)")
-    ['y.md']
+    >>> links("[a](docs/x.md#top) [b](https://e.org) ![c](f.png) [d](#here)")
+    [('docs/x.md', 'top'), ('f.png', ''), ('', 'here')]
+    >>> links("```\\n[a](nowhere.md)\\n```\\n[b](y.md)")
+    [('y.md', '')]
     """
-    text = FENCE.sub("", text)
-    targets = []
-    for target in LINK.findall(text):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or target.startswith("#"):
-            continue  # a URL (http:, mailto:) or an anchor on the same page
-        targets.append(target.split("#", 1)[0])
-    return targets
+    found = []
+    for target in LINK.findall(FENCE.sub("", text)):
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):  # not http:, mailto:
+            path, _, anchor = target.partition("#")
+            found.append((path, anchor))
+    return found
+
+
+def relative_links(text: str) -> list[str]:
+    """The files that a page's relative links point at."""
+    return [path for path, _ in links(text) if path]
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` … on repeats.
+
+    >>> sorted(anchors("# Results\\n## Claim (c) at two sizes\\n### Why `--tail`\\n## Results"))
+    ['claim-c-at-two-sizes', 'results', 'results-1', 'why---tail']
+    """
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", FENCE.sub("", text), re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen[slug] = seen.get(slug, -1) + 1
+        if seen[slug]:
+            seen[f"{slug}-{seen[slug]}"] = 0
+    return set(seen)
 
 
 def test_readme_is_short() -> None:
@@ -51,6 +72,18 @@ def test_relative_links_resolve(page: Path) -> None:
         if not (page.parent / target).exists()
     ]
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_anchors_resolve(page: Path) -> None:
+    """A link to a section of a Markdown page names a heading that page has."""
+    broken = []
+    for path, anchor in links(page.read_text(encoding="utf-8")):
+        target = page.parent / path if path else page
+        if (anchor and target.suffix == ".md" and target.is_file()
+                and anchor not in anchors(target.read_text(encoding="utf-8"))):
+            broken.append(f"{path}#{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)}: links to missing sections: {broken}"
 
 
 def test_docs_pages_link_only_inside_the_repository() -> None:
