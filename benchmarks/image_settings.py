@@ -91,7 +91,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs["iwae50"] = bench_config(method="iwae", samples=50, batch_size=100, lr=1e-3, **common)
     print(f"{Path(args.data).stem}: N = {train.shape[0]}, {test.shape[0]} test images; MAPA "
           f"{args.budget:.0f} s each, IWAE(50) {args.iwae_epochs} epochs", flush=True)
-    records = []
+    knobs = {"budget": args.budget, "clock": args.clock, "n_train": train.shape[0],
+             "n_test": test.shape[0], "eval_samples": args.eval_samples,
+             "width_pick": args.width_pick, "iwae_epochs": args.iwae_epochs, "data": args.data}
+    records: list[dict[str, Any]] = []
     for name, cfg in runs.items():
         try:
             warm_up(cfg, train, arch)
@@ -104,18 +107,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {name}: refused: {e}", flush=True)
             records.append({"variant": name, "error": str(e)})
             continue
-        last = points[-1]
         records.append({"variant": name, **knobs_of(cfg, "k", "kernel_perplexity"),
-                        "setup_seconds": setup, **last})
+                        "setup_seconds": setup, **points[-1]})
+        write_records(args.json, "image_settings", info, knobs, records)  # so far: a stop keeps it
     print("| variant | epochs | training s | prior fit s | test log-lik |")
     for r in records:
         if "error" in r:
             continue
         print(f"| {r['variant']} | {r['epochs']:.1f} | {r['train_seconds']:.1f} | {r['fit_seconds']:.1f} | "
               f"{r['test_log_lik']:.2f} ± {r['stderr']:.2f} |")
-    write_records(args.json, "image_settings", info, {"budget": args.budget, "clock": args.clock,
-                  "n_train": train.shape[0], "n_test": test.shape[0], "eval_samples": args.eval_samples,
-                  "iwae_epochs": args.iwae_epochs, "data": args.data}, records)
+    write_records(args.json, "image_settings", info, knobs, records)
 
 
 if __name__ == "__main__":

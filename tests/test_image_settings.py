@@ -144,7 +144,7 @@ def test_referee_keeps_the_best_proposal_width_for_a_deterministic_encoder() -> 
     model = LatentVariableModel(CodeEncoder(torch.nn.Sequential(MLP(16, 2, (8,)), spread)),
                                 Decoder(MLP(2, 16, (8,)), BernoulliLikelihood()), StandardNormal(2))
     x = (torch.rand(12, 16) < 0.5).float()
-    score = ttq.referee(model, x, samples=64, pick=x.shape[0], seed=3)
+    score = ttq.best_width_log_likelihood(model, x, samples=64, pick=x.shape[0], seed=3)
     by_width = {}
     for w in ttq.WIDTHS:
         torch.manual_seed(3)
