@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .config import DEVICES, TrainConfig, field_type, flag_name
-from .data.dataset import make_ground_truth_data
+from .data.dataset import Dataset, make_ground_truth_data
 from .data.files import load_array
 from .data.groundtruth import (
     GROUND_TRUTHS,
@@ -32,6 +32,7 @@ from .data.groundtruth import (
     surrogate_mse,
 )
 from .data.images import IMAGE_DATASETS
+from .data.loading import load_dataset
 from .data.mnist import load_binarized_mnist
 from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
@@ -177,25 +178,59 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     run = load_run(args.run)
     model = run.model.to(resolve_device(args.device))
-    x = _evaluation_points(args.data, run.data_dim)
+    own = _run_data(run.config, run.data_dim)
+    x, what = _evaluation_points(args.data, run.data_dim, run.config)
     model.decoder.likelihood.check_data(x, args.data)
+    train = None if own is None else own.train
+    if train is not None and (seen := _training_rows(x, train)):
+        print(f"mapa-vae: warning: {seen} of the {x.shape[0]} rows of {args.data} are training rows "
+              "of this run: their score is not a held-out one", file=sys.stderr)
     torch.manual_seed(args.seed)
-    lp, how = METHODS[run.config.method].evaluate(model, x, args.grid, args.samples)
+    est = METHODS[run.config.method].evaluate(model, x, args.grid, args.samples, train=train,
+                                              progress=False if args.quiet else None)
     if args.per_point:
-        _save_npy(args.per_point, lp.numpy())
-    print(f"mean test log-likelihood: {float(lp.mean()):.4f} nats over {x.shape[0]} points ({how})")
+        _save_npy(args.per_point, est.values.numpy())
+    print(f"mean test log-likelihood: {est.mean:.4f} nats over {x.shape[0]} points ({what})")
+    print(f"  standard error: ±{est.stderr_of_mean:.4f} over points, ±{est.mc_stderr_of_mean:.4f} "
+          "Monte Carlo")
+    print(f"  estimator: {est.how}")
+    if est.empirical is not None and train is not None:
+        print(f"  exact empiricalized log-likelihood (the trained encoder and decoder over the run's "
+              f"{train.shape[0]} training atoms, paper Eq. 6): {float(est.empirical.mean()):.4f} nats")
 
 
-def _evaluation_points(path: str, dim: int) -> torch.Tensor:
-    """The points ``evaluate`` scores: a ``.npy`` / ``.csv`` file, or the test split of a
-    binarized-MNIST ``.npz`` (:mod:`~mapa_vae.data.mnist`)."""
-    if Path(path).suffix.lower() != ".npz":
-        return torch.from_numpy(load_array(path, expected_dim=dim))
-    x = load_binarized_mnist(path).test
+def _run_data(cfg: TrainConfig, dim: int) -> Dataset | None:
+    """The run's data set as training drew it; None, with a note, where it cannot be loaded."""
+    try:
+        data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
+    except MapaError as e:
+        print(f"mapa-vae: note: the run's training data cannot be loaded again ({e}); no overlap "
+              "check and no training atoms", file=sys.stderr)
+        return None
+    return data if data.dim == dim else None
+
+
+def _training_rows(x: torch.Tensor, train: torch.Tensor) -> int:
+    """How many rows of ``x`` are (bit for bit, in float64) rows of ``train``."""
+    seen = {row.tobytes() for row in train.double().numpy()}
+    return sum(row.tobytes() in seen for row in x.double().numpy())
+
+
+def _evaluation_points(source: str, dim: int, cfg: TrainConfig) -> tuple[torch.Tensor, str]:
+    """The points ``evaluate`` scores and what they are: a ``.npy`` / ``.csv`` file (one row or
+    more), the test split of a binarized-MNIST ``.npz`` (:mod:`~mapa_vae.data.mnist`), or the
+    test split of a built-in data set, drawn with the run's sizes and data seed."""
+    if source in GROUND_TRUTHS or source in IMAGE_DATASETS:
+        x = load_dataset(source, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed).test
+        what = f"the test split of the built-in {source}, data seed {cfg.data_seed}"
+    elif Path(source).suffix.lower() == ".npz":
+        x, what = load_binarized_mnist(source).test, f"the test split of {source}"
+    else:
+        return torch.from_numpy(load_array(source, expected_dim=dim, min_rows=1)), f"the rows of {source}"
     if x.shape[1] != dim:
-        raise MapaError(f"{path}: its test split has {x.shape[1]} columns but the model was "
+        raise MapaError(f"{source}: its test split has {x.shape[1]} columns but the model was "
                         f"trained on {dim}")
-    return x
+    return x, what
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -266,16 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     e = add("evaluate", help="mean log-likelihood of a data file under a trained model",
-                       description="log p(x) by quadrature (1-D latent) or importance sampling.")
+                       description="log p(x) by quadrature (1-D latent) or importance sampling with a "
+                       "proposal adapted to the model, with its standard errors; MAPA's exact "
+                       "empiricalized log-likelihood beside it.")
     e.add_argument("run", help="run directory written by `mapa-vae train`")
-    e.add_argument("--data", required=True, help=".npy or .csv file of points, or a "
-                   "binarized-MNIST .npz (its test split)")
+    e.add_argument("--data", required=True, help=".npy or .csv file of points (one row or more), "
+                   "a binarized-MNIST .npz (its test split), or a built-in data set name (its test "
+                   "split, drawn with the run's sizes and data seed)")
     e.add_argument("--per-point", metavar="FILE.npy", help="also write each point's log p(x)")
     e.add_argument("--grid", type=int_at_least(2), default=2**16, help="quadrature points (1-D latent)")
     e.add_argument("--samples", type=int_at_least(1), default=1000,
                    help="importance samples (latent > 1)")
     e.add_argument("--seed", type=int, default=0, help="importance sampling seed")
     e.add_argument("--device", choices=DEVICES, default="cpu", help="where to evaluate")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
     r = add("reproduce", help="run the paper's protocol and write figures and a report",

@@ -27,7 +27,7 @@ _TOO_LARGE = f"is too large: models train in float32, |x| <= {FLOAT32_MAX:.3g}"
 
 
 
-def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
+def load_array(path: str | Path, expected_dim: int | None = None, min_rows: int = 2) -> np.ndarray:
     """Read a 2-D float array from ``.npy`` or ``.csv`` and check it (see :func:`check_array`).
 
     A CSV may have one header row of non-numeric names; every other cell must be a number. Its
@@ -56,7 +56,7 @@ def load_array(path: str | Path, expected_dim: int | None = None) -> np.ndarray:
         arr = _read_csv(path)
     else:
         raise MapaError(f"{path}: unsupported file type {suffix!r}; use .npy or .csv")
-    return check_array(arr, str(path), expected_dim)
+    return check_array(arr, str(path), expected_dim, min_rows)
 
 
 
@@ -136,12 +136,14 @@ def _is_numeric_row(row: list[str]) -> bool:
 
 
 
-def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) -> np.ndarray:
+def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None,
+                min_rows: int = 2) -> np.ndarray:
     """Return ``arr`` as a C-contiguous float64 ``(n, D)`` array or raise a one-line error.
 
-    Refuses non-numeric dtypes, a rank other than 2, no rows or columns, fewer than two rows,
-    NaN or ±inf or values beyond float32's range (naming the first bad row and column), and a
-    ``D`` other than ``expected_dim``. Integer and boolean data are converted to float.
+    Refuses non-numeric dtypes, a rank other than 2, no rows or columns, fewer than
+    ``min_rows`` rows, NaN or ±inf or values beyond float32's range (naming the first bad row
+    and column), and a ``D`` other than ``expected_dim``. Integer and boolean data are converted
+    to float.
     """
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise MapaError(f"{where}: data must be numeric, found dtype {arr.dtype}")
@@ -149,8 +151,8 @@ def check_array(arr: np.ndarray, where: str, expected_dim: int | None = None) ->
         raise MapaError(f"{where}: expected a 2-D array (points × features), found shape {arr.shape}")
     if arr.shape[1] == 0:
         raise MapaError(f"{where}: data has zero columns")
-    if arr.shape[0] < 2:
-        raise MapaError(f"{where}: data has {arr.shape[0]} row(s); at least 2 are needed")
+    if arr.shape[0] < min_rows:  # training needs two; scoring one point is fine
+        raise MapaError(f"{where}: data has {arr.shape[0]} row(s); at least {min_rows} are needed")
     if np.iscomplexobj(arr):
         raise MapaError(f"{where}: complex values are not supported")
     out = np.array(arr, dtype=np.float64, order="C", copy=True)  # also detaches read-only memmaps

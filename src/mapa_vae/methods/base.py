@@ -20,7 +20,7 @@ from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS, image_shape
 from ..errors import MapaError
-from ..evaluation.likelihood import log_likelihood
+from ..evaluation.referee import Estimate, estimate_log_likelihood
 from ..inference.objectives import Objective
 from ..models.latent import LatentVariableModel
 from ..models.likelihoods import Likelihood
@@ -117,17 +117,20 @@ class Method(ABC):
         """An empty model with the architecture :meth:`finalize` returns (for loading)."""
         return self.build(arch, likelihood, cfg)
 
-    def log_likelihood(self, model: LatentVariableModel, x: Tensor, grid: int,
-                       samples: int = 1000) -> Tensor:
-        """``log p(x)`` ``(B,)`` of the final model: quadrature for a 1-D latent under N(0, 1),
-        else importance sampling (:func:`~mapa_vae.evaluation.log_likelihood`)."""
-        return log_likelihood(model, x, grid, samples)
+    def log_likelihood(self, model: LatentVariableModel, x: Tensor, grid: int, samples: int = 1000,
+                       train: Tensor | None = None, progress: bool | None = None) -> Tensor:
+        """``log p(x)`` ``(B,)`` of the final model, as :meth:`evaluate` estimates it."""
+        return self.evaluate(model, x, grid, samples, train, progress).values
 
-    def evaluate(self, model: LatentVariableModel, x: Tensor, grid: int,
-                 samples: int = 1000) -> tuple[Tensor, str]:
-        """:meth:`log_likelihood` ``(B,)`` and how it was computed, as ``mapa-vae evaluate`` says."""
-        how = "quadrature" if model.latent_dim == 1 else f"importance sampling, S={samples}"
-        return self.log_likelihood(model, x, grid, samples), how
+    def evaluate(self, model: LatentVariableModel, x: Tensor, grid: int, samples: int = 1000,
+                 train: Tensor | None = None, progress: bool | None = None) -> Estimate:
+        """``log p(x)`` ``(B,)`` of the final model with its standard errors and how it was
+        computed: quadrature for a 1-D latent under N(0, 1), else the referee's importance
+        sampling with ``samples`` draws and a proposal adapted to the model
+        (:func:`~mapa_vae.evaluation.estimate_log_likelihood`). ``train``: the run's training
+        data (a deterministic encoder's atoms); ``progress``: a progress bar (None: on a
+        terminal only)."""
+        return estimate_log_likelihood(model, x, grid, samples, train, progress)
 
     def metrics(self, cfg: TrainConfig) -> dict[str, Any]:
         """The settings this method actually used, as the run's metrics record them."""

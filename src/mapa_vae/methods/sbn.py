@@ -19,6 +19,7 @@ from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS
 from ..errors import MapaError
+from ..evaluation.referee import Estimate
 from ..evaluation.sbn import (
     MAX_EXACT_UNITS,
     exact_log_likelihood,
@@ -82,15 +83,15 @@ class SBNMethod(Method):
             return float(exact_log_likelihood(sbn, val).mean())
         return float(importance_log_likelihood(sbn, val, VALIDATION_SAMPLES)[0].mean())
 
-    def log_likelihood(self, model: LatentVariableModel, x: Tensor, grid: int,
-                       samples: int = 1000) -> Tensor:
+    def log_likelihood(self, model: LatentVariableModel, x: Tensor, grid: int, samples: int = 1000,
+                       train: Tensor | None = None, progress: bool | None = None) -> Tensor:
         """Exact ``log p(x)`` ``(B,)`` for small models, else importance sampling (S ≥ 1000)."""
         return sbn_log_likelihood(_sbn(model), x, samples).values
 
-    def evaluate(self, model: LatentVariableModel, x: Tensor, grid: int,
-                 samples: int = 1000) -> tuple[Tensor, str]:
+    def evaluate(self, model: LatentVariableModel, x: Tensor, grid: int, samples: int = 1000,
+                 train: Tensor | None = None, progress: bool | None = None) -> Estimate:
         result = sbn_log_likelihood(_sbn(model), x, samples)
-        return result.values, result.describe()
+        return Estimate(result.values, result.stderr, result.describe())
 
 
 METHODS.register("sbn", SBNMethod())
