@@ -50,11 +50,7 @@ __all__ = ["ADDED_LATER", "DEVICES", "DTYPES", "TrainConfig", "default_cache_dir
 
 DEVICES = ("cpu", "cuda", "auto")
 DTYPES = ("float32", "float64")
-ADDED_LATER: dict[str, Any] = {"restarts": 1, "dtype": "float32", "tensorboard": None,
-                               "kernel_perplexity": None}
-"""Knobs added after runs were first written, at the value those runs had: a stored config
-without one of them is read with this value, and :func:`~mapa_vae.training.checkpoint.config_json`
-leaves them out at it, so older run folders and checkpoints stay readable."""
+_NEW = object()  # a knob that was there from the first release: no old-run value
 
 
 def default_cache_dir() -> Path:
@@ -65,14 +61,22 @@ def default_cache_dir() -> Path:
 def knob(default: Any, help: str, *, choices: Registry[Any] | tuple[str, ...] | None = None,
          low: float | None = None, high: float | None = None, open_low: bool = False,
          open_high: bool = False, short: str | None = None, metavar: str | tuple[str, ...] | None = None,
-         cli: bool = True) -> Any:
+         cli: bool = True, old: Any = _NEW) -> Any:
     """A config field: its default, help, choices (a registry or a tuple) and range.
 
     ``low`` / ``high`` bound numbers (and every element of a tuple), closed unless ``open_low``
     / ``open_high``; ``cli=False`` keeps a field out of the ``train`` flags (free-form notes).
+
+    ``old``: a knob added after runs were first written declares here the value those runs had
+    (the behaviour before the knob existed). A stored config without the knob is read with it,
+    and :func:`~mapa_vae.training.checkpoint.config_json` leaves the knob out at it, so older run
+    folders and checkpoints stay readable (:data:`ADDED_LATER` collects them). Every knob added
+    from now on declares one (CONTRIBUTING.md, "Add a knob").
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
             "open_high": open_high, "short": short, "metavar": metavar, "cli": cli}
+    if old is not _NEW:
+        meta["old"] = old
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,7 +102,7 @@ class TrainConfig:
     seed: int = knob(0, "initialization, batching and sampling seed")
     restarts: int = knob(3, "R: independently initialized copies trained together (seeds seed … "
                          "seed+R-1); the best by validation is kept (README \"Restarts\": "
-                         "why 3)", low=1, short="-R")
+                         "why 3)", low=1, short="-R", old=1)
     data_seed: int = knob(0, "which draw of a built-in data set")
     n_train: int = knob(1000, "built-in data: training points", low=1)
     n_val: int = knob(500, "built-in data: validation points", low=1)
@@ -112,7 +116,7 @@ class TrainConfig:
                       open_high=True)
     kernel_perplexity: float | None = knob(None, "MAPA on binary data: set the kernel's rho so that "
                                            "q(i|n) has this median perplexity (none: --rho)",
-                                           low=1.0, open_low=True)
+                                           low=1.0, open_low=True, old=None)
     latent_dim: int = knob(1, "latent dimension L", low=1)
     hidden: tuple[int, ...] = knob((50, 50, 50), "MLP widths (conv: of the fully connected head)",
                                    low=1)
@@ -165,10 +169,10 @@ class TrainConfig:
     threads: int = knob(1, "torch CPU threads (1 is fastest for the small MLPs here and does not "
                         "contend on a busy machine; 0 leaves torch's own setting)", low=0)
     dtype: str = knob("float32", "training precision (float64: for exact comparisons)",
-                      choices=DTYPES)
+                      choices=DTYPES, old="float32")
     tensorboard: str | None = knob(None, "also log the learning curves to this TensorBoard folder "
                                    "(needs the extra: pip install 'mapa-vae[tensorboard]')",
-                                   metavar="DIR")
+                                   metavar="DIR", old=None)
     extra: dict[str, Any] = knob({}, "free-form notes kept with the run", cli=False)
 
     def __post_init__(self) -> None:
@@ -200,6 +204,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+ADDED_LATER: dict[str, Any] = {f.name: f.metadata["old"] for f in dataclasses.fields(TrainConfig)
+                               if "old" in f.metadata}
+"""Knobs added after runs were first written, at the value those runs had (each declared by
+``knob(..., old=value)`` beside its default): a stored config without one of them is read with
+this value, and :func:`~mapa_vae.training.checkpoint.config_json` leaves them out at it, so older
+run folders and checkpoints stay readable."""
 
 
 # ----------------------------------------------------------------------------- validation

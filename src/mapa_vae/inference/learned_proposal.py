@@ -61,13 +61,12 @@ from ..models.index_proposal import IndexProposalNet
 from ..models.latent import LatentVariableModel
 from .objectives import Bound, Objective
 from .posterior import MapaPosterior
-from .score_function import leave_one_out_bounds
+from .score_function import SIGNALS, leave_one_out_bounds
 
 __all__ = ["CANDIDATES", "FLOOR", "SIGNALS", "LearnedMAPA", "ProposalRows", "proposal_net"]
 
 CANDIDATES = 64  # candidates per point: at least this many, and at least k + S (≤ the table's K)
 FLOOR = 0.05  # ε, the uniform floor's mass
-SIGNALS = ("nvil", "vimco")
 _LOG_KERNEL_MIN = -1e4  # a kernel log-probability that underflowed stays finite as a feature
 
 

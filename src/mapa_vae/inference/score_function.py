@@ -30,10 +30,10 @@ from torch import Tensor
 from ..errors import MapaError
 from ..models.latent import LatentVariableModel
 from ..models.sbn import SBN
-from ..registry import ESTIMATORS
+from ..registry import ESTIMATORS, Estimator, estimators_of
 from .objectives import Bound, Objective
 
-__all__ = ["NVIL", "VIMCO", "Reinforce", "leave_one_out_bounds", "score_function_objective"]
+__all__ = ["NVIL", "SIGNALS", "VIMCO", "Reinforce", "leave_one_out_bounds", "score_function_objective"]
 
 
 def _sbn(model: LatentVariableModel) -> SBN:
@@ -157,17 +157,25 @@ class NVIL(Objective):
         return Bound(log_w.mean(0).detach(), surrogate)
 
 
-ESTIMATORS.register("nvil", "SBN: NVIL (Mnih & Gregor 2014), baseline net, per-layer signals")
-ESTIMATORS.register("vimco", "SBN: VIMCO (Mnih & Rezende 2016), geometric-mean leave-one-out")
-ESTIMATORS.register("reinforce", "SBN: plain score function (REINFORCE), no baseline")
+for _e in (  # the first is the SBN's default
+    Estimator("nvil", "score-function", "SBN: NVIL (Mnih & Gregor 2014), baseline net, per-layer "
+              "signals", NVIL, proposal_signal=True),
+    Estimator("vimco", "score-function", "SBN: VIMCO (Mnih & Rezende 2016), geometric-mean "
+              "leave-one-out", VIMCO, proposal_signal=True),
+    Estimator("reinforce", "score-function", "SBN: plain score function (REINFORCE), no baseline",
+              Reinforce),
+):
+    ESTIMATORS.register(_e)
 
-
-_CLASSES: dict[str, type[NVIL] | type[VIMCO] | type[Reinforce]] = {
-    "nvil": NVIL, "vimco": VIMCO, "reinforce": Reinforce}
+SIGNALS = ESTIMATORS.names(where=lambda e: e.proposal_signal)
+"""The score-function signals MAPA's learned index proposal can train with (``learned-<signal>``
+posteriors, :mod:`~mapa_vae.inference.learned_proposal`)."""
 
 
 def score_function_objective(estimator: str, samples: int) -> Objective:
     """The objective of a score-function ``estimator`` name with ``samples`` draws."""
-    if estimator not in _CLASSES:
-        raise MapaError(f"unknown score-function estimator {estimator!r}; choose {', '.join(_CLASSES)}")
-    return _CLASSES[estimator](samples)
+    if estimator not in estimators_of("score-function"):
+        raise MapaError(f"unknown score-function estimator {estimator!r}; choose "
+                        f"{', '.join(estimators_of('score-function'))}")
+    objective: Objective = ESTIMATORS[estimator].objective(samples)
+    return objective

@@ -25,6 +25,7 @@ from ..inference.objectives import Objective
 from ..models.latent import LatentVariableModel
 from ..models.likelihoods import Likelihood
 from ..models.networks import build_networks
+from ..registry import estimators_of
 
 __all__ = ["Architecture", "Method"]
 
@@ -61,16 +62,23 @@ class Method(ABC):
     - ``uses_samples``: whether ``S`` changes what it trains (the VAE's does not: the sweep runs
       it once per cell, and its metrics record ``samples: null``);
     - ``uses_k``: whether it has MAPA's ``k`` (recorded in the metrics);
-    - ``estimators``: the gradient estimators it accepts (``ESTIMATORS`` names), the first being
-      its default; empty when it has none;
+    - ``estimator_family``: the :class:`~mapa_vae.registry.Estimator` family it takes (``"iwae"``,
+      ``"score-function"``) or ``None``; :attr:`estimators` lists that family's registered
+      estimators, the first being its default;
     - ``likelihoods``: the observation models it can train (``LIKELIHOODS`` names); empty = all.
     """
 
     name: str
     uses_samples: bool = True
     uses_k: bool = False
-    estimators: tuple[str, ...] = ()
+    estimator_family: str | None = None
     likelihoods: tuple[str, ...] = ()
+
+    @property
+    def estimators(self) -> tuple[str, ...]:
+        """The gradient estimators it accepts (``ESTIMATORS`` names of its family), the first
+        being its default; empty when it has none."""
+        return estimators_of(self.estimator_family) if self.estimator_family else ()
 
     def accepts(self, likelihood: str) -> bool:
         """Whether this method trains models with observation model ``likelihood``."""

@@ -51,7 +51,7 @@ class VAEMethod(GaussianEncoderMethod):
         return ELBO(1)
 
 
-METHODS.register("vae", VAEMethod())
+METHODS.register(VAEMethod())
 
 
 class IWAEMethod(GaussianEncoderMethod):
@@ -59,7 +59,7 @@ class IWAEMethod(GaussianEncoderMethod):
     gradient estimator (naive, STL or DReG)."""
 
     name = "iwae"
-    estimators = IWAE.ESTIMATORS
+    estimator_family = "iwae"
 
     def check(self, cfg: TrainConfig) -> None:
         super().check(cfg)
@@ -71,4 +71,4 @@ class IWAEMethod(GaussianEncoderMethod):
         return IWAE(cfg.samples, estimator=self.estimator(cfg))
 
 
-METHODS.register("iwae", IWAEMethod())
+METHODS.register(IWAEMethod())

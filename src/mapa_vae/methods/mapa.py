@@ -30,6 +30,7 @@ from ..inference.exact import ground_truth_posterior
 from ..inference.learned_proposal import LearnedMAPA
 from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
 from ..inference.posterior import MapaPosterior, uniform_posterior
+from ..inference.score_function import SIGNALS
 from ..inference.tails import make_tail
 from ..kernels import BernoulliKernel, calibrate_rho
 from ..models.code_priors import build_code_prior, fit_code_prior
@@ -100,8 +101,8 @@ class LearnedPosterior:
         return kernel_posterior(model, train, cfg, data)
 
 
-POSTERIORS.register("learned-nvil", LearnedPosterior("nvil"))
-POSTERIORS.register("learned-vimco", LearnedPosterior("vimco"))
+for _signal in SIGNALS:  # learned-nvil, learned-vimco
+    POSTERIORS.register(f"learned-{_signal}", LearnedPosterior(_signal))
 
 
 class MapaMethod(Method):
@@ -174,7 +175,7 @@ class MapaMethod(Method):
         return mapped_model(model) if cfg.prior_fit == "map" else model
 
 
-METHODS.register("mapa", MapaMethod())
+METHODS.register(MapaMethod())
 
 
 def _binary_images(cfg: TrainConfig) -> bool:

@@ -49,7 +49,7 @@ class SBNMethod(Method):
     """A sigmoid belief network and its recognition network, one score-function estimator."""
 
     name = "sbn"
-    estimators = ("nvil", "vimco", "reinforce")
+    estimator_family = "score-function"
     likelihoods = ("bernoulli",)
 
     def check(self, cfg: TrainConfig) -> None:
@@ -94,4 +94,4 @@ class SBNMethod(Method):
         return Estimate(result.values, result.stderr, result.describe())
 
 
-METHODS.register("sbn", SBNMethod())
+METHODS.register(SBNMethod())

@@ -73,4 +73,4 @@ class VAEDGPMethod(Method):
                 "learn_noise": cfg.learn_noise}
 
 
-METHODS.register("vae-dgp", VAEDGPMethod())
+METHODS.register(VAEDGPMethod())

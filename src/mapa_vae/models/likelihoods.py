@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from torch.distributions import (
     Normal,
 )
 
+from ..config import TrainConfig
 from ..errors import MapaError
 from ..kernels import BernoulliKernel, GaussianKernel, Kernel
 from ..registry import LIKELIHOODS
@@ -32,10 +33,23 @@ from ..registry import LIKELIHOODS
 __all__ = [
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
+    "Data",
     "GaussianLikelihood",
     "Likelihood",
     "make_likelihood",
 ]
+
+
+class Data(Protocol):
+    """What :meth:`Likelihood.settings` may read of a run's data set (a
+    :class:`~mapa_vae.data.Dataset`, which imports this module: hence a protocol)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def truth(self) -> Any:
+        """The ground truth it was drawn from (with its ``noise_var``), or None."""
 
 
 class Likelihood(nn.Module, ABC):
@@ -73,6 +87,20 @@ class Likelihood(nn.Module, ABC):
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so a checkpoint can rebuild it."""
 
+    @classmethod
+    def settings(cls, cfg: TrainConfig, data: Data) -> dict[str, Any]:
+        """This likelihood's :meth:`config` for a run of ``cfg`` on ``data``: ``{"name": …}``
+        plus its constructor arguments, read from the config's knobs (and the data's own noise,
+        where it has one). The default has no arguments; a likelihood with some overrides it."""
+        return {"name": cls.name}
+
+    @staticmethod
+    def for_run(cfg: TrainConfig, data: Data, default: str) -> dict[str, Any]:
+        """The settings of a run's observation model, ``cfg.likelihood`` or else the data set's
+        own ``default``, built by that :data:`LIKELIHOODS` entry's :meth:`settings`."""
+        settings: dict[str, Any] = LIKELIHOODS[cfg.likelihood or default].settings(cfg, data)
+        return settings
+
     def check_data(self, x: Tensor, where: str) -> None:
         """Raise a one-line error if ``x`` lies outside this likelihood's support."""
 
@@ -108,6 +136,18 @@ class GaussianLikelihood(Likelihood):
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "noise_var": self.noise_var}
 
+    @classmethod
+    def settings(cls, cfg: TrainConfig, data: Data) -> dict[str, Any]:
+        """``--noise-var``, else the ground-truth curve's own noise variance."""
+        noise_var = cfg.noise_var
+        if noise_var is None:
+            if data.truth is None:
+                raise MapaError(f"{cfg.data}: a Gaussian likelihood needs --noise-var on this data "
+                                "(or choose --likelihood bernoulli / continuous-bernoulli for data "
+                                "in [0, 1])")
+            noise_var = data.truth.noise_var
+        return {"name": cls.name, "noise_var": noise_var}
+
 
 
 class _UnitIntervalLikelihood(Likelihood, ABC):
@@ -123,6 +163,11 @@ class _UnitIntervalLikelihood(Likelihood, ABC):
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "rho": self.rho}
+
+    @classmethod
+    def settings(cls, cfg: TrainConfig, data: Data) -> dict[str, Any]:
+        """The kernel's softening ``--rho``."""
+        return {"name": cls.name, "rho": cfg.rho}
 
     def check_data(self, x: Tensor, where: str) -> None:
         bad = (x < 0) | (x > 1)
@@ -168,7 +213,7 @@ class ContinuousBernoulliLikelihood(_UnitIntervalLikelihood):
 
 
 for _lik in (GaussianLikelihood, BernoulliLikelihood, ContinuousBernoulliLikelihood):
-    LIKELIHOODS.register(_lik.name, _lik)
+    LIKELIHOODS.register(_lik)
 
 
 
