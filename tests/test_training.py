@@ -66,6 +66,28 @@ def test_resume_continues_exactly(tmp_path, method):
         assert all(torch.equal(s_a[k], s_b[k]) for k in s_a)
 
 
+def test_resume_of_a_checkpoint_written_before_copies(tmp_path):
+    """A single run's checkpoint in the format written before runs trained copies (no per-copy
+    state; history values as floats) resumes to the same weights and history as a run straight
+    through."""
+    from mapa_vae.storage import save_tensors
+
+    straight = train(tiny(tmp_path, method="mapa", epochs=6), tmp_path / "a", progress=False)
+    train(tiny(tmp_path, method="mapa", epochs=4), tmp_path / "b", progress=False)
+    ck = load_tensors(tmp_path / "b" / "checkpoint.pt")
+    ck["torch_rng"] = ck["restarts"]["rng"][0]  # the run's generator, as a single run kept it
+    del ck["restarts"]
+    ck["history"] = [{k: v for k, v in h.items() if not k.endswith("_per_copy")} for h in ck["history"]]
+    save_tensors(tmp_path / "b" / "checkpoint.pt", ck)
+    resumed = train(tiny(tmp_path, method="mapa", epochs=6), tmp_path / "b", progress=False,
+                    resume=True)
+    for a, b in zip(straight.trained.state_dict().values(), resumed.trained.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert resumed.history == straight.history
+    assert resumed.metrics["skipped_steps"] == straight.metrics["skipped_steps"]
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(MapaError, match="no checkpoint"):
         train(tiny(tmp_path), tmp_path / "nothing", progress=False, resume=True)

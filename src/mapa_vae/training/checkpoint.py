@@ -13,17 +13,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import ADDED_LATER, TrainConfig
 from ..errors import MapaError
 from ..storage import load_tensors, save_tensors
+from .curves import per_copy
 
-__all__ = ["RESUMABLE", "Checkpoint", "CopyProgress", "config_json"]
+if TYPE_CHECKING:
+    from .engines import Engine
+
+__all__ = ["RESUMABLE", "Checkpoint", "CopyProgress", "chosen_copy", "config_json", "resume_copies"]
 
 # Fields that may differ between a checkpoint and the run that resumes it.
 RESUMABLE = ("epochs", "cache_dir", "device", "threads")
@@ -80,6 +85,23 @@ class Checkpoint:
         return {"engine": "sequential", "rng": self.torch_rng[None], "rng_device": None,
                 "copies": [dataclasses.asdict(one)], "passes": [self.passes]}
 
+    def fill(self, engine: Engine, copies: Sequence[CopyProgress]) -> None:
+        """Every copy's progress, from ``engine`` and ``copies``; the fields above ``restarts``
+        are the chosen copy's (:func:`chosen_copy`; what the loop's diagnosis and metrics read)."""
+        r = chosen_copy(copies)
+        chosen = copies[r]
+        self.model, self.optimizer = engine.module.state_dict(), engine.optimizer_state()
+        self.best_model = chosen.best_model
+        self.best_val, self.best_epoch, self.last_val = chosen.best_val, chosen.best_epoch, chosen.last_val
+        self.skipped, self.steps = chosen.skipped, chosen.steps
+        self.passes = dataclasses.asdict(engine.passes(r))
+        self.torch_rng = torch.get_rng_state()
+        self.restarts = {
+            "engine": engine.name, **engine.streams.state(),
+            "copies": [dataclasses.asdict(c) for c in copies],
+            "passes": [dataclasses.asdict(engine.passes(i)) for i in range(len(copies))],
+        }
+
     def save(self, path: str | Path) -> None:
         """Write atomically (a crash leaves the previous checkpoint)."""
         save_tensors(path, dataclasses.asdict(self))
@@ -100,6 +122,43 @@ class Checkpoint:
             raise MapaError(f"--resume: {path} has {ck.epoch} epochs done; --epochs {cfg.epochs} "
                             f"is fewer (give --epochs {ck.epoch} or more)")
         return ck
+
+
+def chosen_copy(copies: Sequence[CopyProgress]) -> int:
+    """The copy with the best validation score (the first on a tie; 0 if none is finite)."""
+    best = max(range(len(copies)), key=lambda r: (copies[r].best_val, -r))
+    return best if math.isfinite(copies[best].best_val) else 0
+
+
+def resume_copies(out: Path | None, cfg: TrainConfig, engine: Engine,
+                  copies: list[CopyProgress]) -> Checkpoint:
+    """Load ``out/checkpoint.pt`` into the engine (weights, optimizers, streams, passes) and
+    ``copies``; the history's older records (one float, or a list over the copies) are read
+    in today's shape."""
+    if out is None or not (out / "checkpoint.pt").exists():
+        raise MapaError(f"--resume: no checkpoint in {out}")
+    path = out / "checkpoint.pt"
+    state = Checkpoint.load(path, cfg)
+    saved = state.per_copy()
+    try:
+        if saved.get("engine") != engine.name:
+            raise ValueError(f"written by the {saved.get('engine')} engine, this run is {engine.name}")
+        if len(saved["copies"]) != len(copies):
+            raise ValueError(f"{len(saved['copies'])} copies there, {len(copies)} now")
+        engine.module.load_state_dict(state.model)
+        engine.load_optimizer(state.optimizer)
+        engine.streams.load(saved)
+        copies[:] = [CopyProgress(**c) for c in saved["copies"]]
+        engine.set_passes(saved["passes"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MapaError(f"{path}: does not fit this run ({first})") from None
+    for record in state.history:
+        for key in ("train_bound", "val_log_lik"):
+            values = per_copy(record, key)
+            if values is not None:
+                record[f"{key}_per_copy"] = values
+    return state
 
 
 def _check_resumable(stored: Any, cfg: TrainConfig, path: Path) -> None:

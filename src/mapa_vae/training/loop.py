@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
 import torch
 from tqdm.auto import tqdm
 
@@ -53,7 +52,7 @@ from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS
 from ..data.loading import load_dataset
-from ..errors import MapaError, NoUsableModel
+from ..errors import NoUsableModel
 from ..evaluation.likelihood import test_kl
 from ..methods.base import Method
 from ..models.latent import LatentVariableModel
@@ -61,10 +60,11 @@ from ..models.likelihoods import Likelihood, make_likelihood
 from ..registry import METHODS
 from ..seeds import copy_seeds
 from ..storage import save_tensors, write_json
-from .checkpoint import RESUMABLE, Checkpoint, CopyProgress, config_json
-from .curves import TensorBoardLog, per_copy, write_curves
+from .checkpoint import RESUMABLE, Checkpoint, CopyProgress, chosen_copy, config_json, resume_copies
+from .curves import TensorBoardLog, write_curves
 from .distributed import init_parallel, resolve_device
-from .engines import Engine, make_engine
+from .engines import make_engine
+from .runs import SavedEpoch, run_directory
 
 __all__ = ["MAX_SKIPPED_FRACTION", "TrainResult", "diagnose", "evaluate_final",
            "train"]
@@ -103,8 +103,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     par = init_parallel(cfg.device)
     device = resolve_device(cfg.device, par.local_rank)
     out = Path(out_dir) if out_dir is not None and par.main else None  # only rank 0 writes
-    saved = _SavedEpoch(out)  # what an interrupt tells the user to --resume from
-    with _threads(cfg.threads), _run_directory(out, resume, overwrite), saved:
+    saved = SavedEpoch(out)  # what an interrupt tells the user to --resume from
+    with _threads(cfg.threads), run_directory(out, resume, overwrite), saved:
         dtype = getattr(torch, cfg.dtype)
         train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
         # --- the copies (one unless --restarts), each seeded from (seed, r), and their optimizers
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         state = Checkpoint(engine.module.state_dict(), {}, {}, torch.get_rng_state(),
                            config_json(cfg, RESUMABLE))
         if resume:
-            state = _resume(out, cfg, engine, copies)
+            state = resume_copies(out, cfg, engine, copies)
         board = TensorBoardLog(cfg.tensorboard) if cfg.tensorboard and par.main else None
         clock = time.perf_counter() - state.train_seconds  # cumulative over the run's parts
         saved.epoch = state.epoch if resume else None
@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
                             c.best_model = copy.deepcopy(member.state_dict())
                     record["val_log_lik_per_copy"] = vals
                     bar.set_postfix(best_val=f"{max(c.best_val for c in copies):.3f}")
-                _choose(record, _chosen(copies))  # so far; the final choice rewrites it
+                _choose(record, chosen_copy(copies))  # so far; the final choice rewrites it
                 state.history.append(record)
                 state.epoch = epoch + 1
                 if board is not None:
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
                 if validate and out is not None and finite:
                     writing = time.perf_counter()
                     state.train_seconds = writing - clock
-                    _fill(state, engine, copies)
+                    state.fill(engine, copies)
                     state.save(out / "checkpoint.pt")
                     clock += time.perf_counter() - writing  # writing files is not training
                     saved.epoch = state.epoch
@@ -174,8 +174,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             if board is not None:
                 board.close()
         state.train_seconds = time.perf_counter() - clock
-        chosen = _chosen(copies)
-        _fill(state, engine, copies)
+        chosen = chosen_copy(copies)
+        state.fill(engine, copies)
         for record in state.history:
             _choose(record, chosen)
         model, passes = engine.member(chosen), engine.passes(chosen)
@@ -305,106 +305,11 @@ def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, gr
 # ----------------------------------------------------------------------------- the loop's helpers
 
 
-def _resume(out: Path | None, cfg: TrainConfig, engine: Engine,
-            copies: list[CopyProgress]) -> Checkpoint:
-    """Load ``out/checkpoint.pt`` into the engine (weights, optimizers, streams, passes) and
-    ``copies``; older records of the history are read in today's shape."""
-    if out is None or not (out / "checkpoint.pt").exists():
-        raise MapaError(f"--resume: no checkpoint in {out}")
-    path = out / "checkpoint.pt"
-    state = Checkpoint.load(path, cfg)
-    saved = state.per_copy()
-    try:
-        if saved.get("engine") != engine.name:
-            raise ValueError(f"written by the {saved.get('engine')} engine, this run is {engine.name}")
-        if len(saved["copies"]) != len(copies):
-            raise ValueError(f"{len(saved['copies'])} copies there, {len(copies)} now")
-        engine.module.load_state_dict(state.model)
-        engine.load_optimizer(state.optimizer)
-        engine.streams.load(saved)
-        copies[:] = [CopyProgress(**c) for c in saved["copies"]]
-        engine.set_passes(saved["passes"])
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MapaError(f"{path}: does not fit this run ({first})") from None
-    for record in state.history:  # older runs: one float, or a list over the copies
-        for key in ("train_bound", "val_log_lik"):
-            values = per_copy(record, key)
-            if values is not None:
-                record[f"{key}_per_copy"] = values
-    return state
-
-
-def _chosen(copies: list[CopyProgress]) -> int:
-    """The copy with the best validation score (the first on a tie; 0 if none is finite)."""
-    best = max(range(len(copies)), key=lambda r: (copies[r].best_val, -r))
-    return best if math.isfinite(copies[best].best_val) else 0
-
-
 def _choose(record: dict[str, Any], r: int) -> None:
     """A history record's scores of copy ``r``, beside every copy's."""
     record["train_bound"] = record["train_bound_per_copy"][r]
     if "val_log_lik_per_copy" in record:
         record["val_log_lik"] = record["val_log_lik_per_copy"][r]
-
-
-def _fill(state: Checkpoint, engine: Engine, copies: list[CopyProgress]) -> None:
-    """Write every copy's progress into ``state``; its own fields are the chosen copy's (what
-    :func:`diagnose` and the metrics read)."""
-    r = _chosen(copies)
-    chosen = copies[r]
-    state.model, state.optimizer = engine.module.state_dict(), engine.optimizer_state()
-    state.best_model = chosen.best_model
-    state.best_val, state.best_epoch, state.last_val = chosen.best_val, chosen.best_epoch, chosen.last_val
-    state.skipped, state.steps = chosen.skipped, chosen.steps
-    state.passes = dataclasses.asdict(engine.passes(r))
-    state.torch_rng = torch.get_rng_state()
-    state.restarts = {
-        "engine": engine.name, **engine.streams.state(),
-        "copies": [dataclasses.asdict(c) for c in copies],
-        "passes": [dataclasses.asdict(engine.passes(i)) for i in range(len(copies))],
-    }
-
-
-@contextmanager
-def _run_directory(out: Path | None, resume: bool, overwrite: bool) -> Iterator[None]:
-    """Hold ``out``'s lock for the whole run; refuse to replace a run there unless asked."""
-    if out is None:
-        yield
-        return
-    existed = out.exists()
-    was_empty = not existed or not any(out.iterdir())
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MapaError(f"{out}: cannot create the run directory ({e.strerror})") from None
-    lock_path = out / ".train.lock"
-    lock = filelock.FileLock(str(lock_path), timeout=0)
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        raise MapaError(f"{out}: another train is writing to this run directory; wait for it to "
-                        "finish or choose another --out") from None
-    try:
-        if not (resume or overwrite):
-            if (out / "config.json").exists():
-                raise MapaError(f"{out} holds a finished run; --overwrite replaces it, --resume "
-                                "continues it")
-            if (out / "checkpoint.pt").exists():
-                raise MapaError(f"{out} holds an interrupted run (checkpoint.pt); --resume "
-                                "continues it, --overwrite starts again")
-        yield
-    except BaseException:
-        # refused before anything was written (a bad config found while building, say): leave
-        # the folder as it was, not holding a stray lock file
-        if was_empty and [f.name for f in out.iterdir()] == [lock_path.name]:
-            lock.release()
-            lock_path.unlink(missing_ok=True)
-            if not existed:
-                out.rmdir()
-        raise
-    finally:
-        lock.release()
 
 
 @contextmanager
@@ -418,22 +323,6 @@ def _threads(n: int) -> Iterator[None]:
     finally:
         if n > 0 and torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-class _SavedEpoch:
-    """The epoch of the last checkpoint written; an interrupt leaves it on the exception
-    (``saved_epoch``, ``run_dir``) for the command line to name in its message."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.out = out
-        self.epoch: int | None = None
-
-    def __enter__(self) -> _SavedEpoch:
-        return self
-
-    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
-        if isinstance(error, KeyboardInterrupt):
-            error.saved_epoch, error.run_dir = self.epoch, self.out  # type: ignore[attr-defined]
 
 
 def _announcer(progress: bool, prefix: str):

@@ -1,5 +1,6 @@
-"""A trained run rebuilt from its folder alone: ``config.json`` names the architecture and the
-likelihood, ``model.pt`` / ``trained.pt`` hold the weights, tied to that config.
+"""A run's folder: written under a lock (:func:`run_directory`), and a trained run rebuilt
+from it alone: ``config.json`` names the architecture and the likelihood, ``model.pt`` /
+``trained.pt`` hold the weights, tied to that config.
 
 :func:`load_run` refuses weights written by another run than the folder's config (an interrupted
 or concurrent run), and a run whose ``metrics.json`` says it produced no usable model.
@@ -7,8 +8,13 @@ or concurrent run), and a run whose ``metrics.json`` says it produced no usable 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import filelock
 
 from ..config import TrainConfig
 from ..errors import MapaError
@@ -19,7 +25,7 @@ from ..registry import METHODS
 from ..storage import load_tensors, read_json
 from .checkpoint import config_json
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "SavedEpoch", "load_run", "run_directory"]
 
 
 @dataclass
@@ -77,3 +83,59 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
                         f"{first[:160]}") from None
     return Run(cfg, model.eval(), data_dim)
 
+
+@contextmanager
+def run_directory(out: Path | None, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold ``out``'s lock for the whole run; refuse to replace a run there unless asked."""
+    if out is None:
+        yield
+        return
+    existed = out.exists()
+    was_empty = not existed or not any(out.iterdir())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MapaError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    lock_path = out / ".train.lock"
+    lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise MapaError(f"{out}: another train is writing to this run directory; wait for it to "
+                        "finish or choose another --out") from None
+    try:
+        if not (resume or overwrite):
+            if (out / "config.json").exists():
+                raise MapaError(f"{out} holds a finished run; --overwrite replaces it, --resume "
+                                "continues it")
+            if (out / "checkpoint.pt").exists():
+                raise MapaError(f"{out} holds an interrupted run (checkpoint.pt); --resume "
+                                "continues it, --overwrite starts again")
+        yield
+    except BaseException:
+        # refused before anything was written (a bad config found while building, say): leave
+        # the folder as it was, not holding a stray lock file
+        if was_empty and [f.name for f in out.iterdir()] == [lock_path.name]:
+            lock.release()
+            lock_path.unlink(missing_ok=True)
+            if not existed:
+                out.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+class SavedEpoch:
+    """The epoch of the last checkpoint written; an interrupt leaves it on the exception
+    (``saved_epoch``, ``run_dir``) for the command line to name in its message."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out = out
+        self.epoch: int | None = None
+
+    def __enter__(self) -> SavedEpoch:
+        return self
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            error.saved_epoch, error.run_dir = self.epoch, self.out  # type: ignore[attr-defined]
