@@ -38,12 +38,22 @@ from ..training.runs import load_run
 from .figures import PosteriorPanel, plot_kl_vs_samples, plot_passes, plot_posteriors
 from .report import Report
 from .samples_plot import plot_samples
-from .sweep import PROFILES, Job, Profile, estimate_seconds, load_record, make_jobs, run_jobs, variant
+from .sweep import (
+    PAPER_SAMPLES,
+    PROFILES,
+    Job,
+    Profile,
+    estimate_seconds,
+    load_record,
+    make_jobs,
+    run_jobs,
+    variant,
+)
 
 __all__ = ["learned_proposals", "measure_passes", "posterior_kl", "reproduce", "select_best",
            "summarize"]
 
-PASS_GRID = (10, 20, 50, 100, 200)
+PASS_GRID = PAPER_SAMPLES  # claim (c)'s passes at every S of the paper's grid
 LARGE_N = 10_000  # claim (c) beyond the paper's N = 1000, where a batch can touch every atom
 
 
