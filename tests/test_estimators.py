@@ -1,4 +1,4 @@
-"""IWAE's encoder-gradient estimators: naive, STL and DReG (SPEC §5; Roeder et al. 2017,
+"""IWAE's encoder-gradient estimators: naive, STL and DReG (docs/design.md §5; Roeder et al. 2017,
 Tucker et al. 2019)."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from mapa_vae.inference.objectives import IWAE
 from mapa_vae.models.latent import Decoder, GaussianEncoder, LatentVariableModel, StandardNormal
 from mapa_vae.models.likelihoods import GaussianLikelihood
 from mapa_vae.models.networks import MLP
+from mapa_vae.registry import estimators_of
 
-ESTIMATORS = ["naive", "stl", "dreg"]
+ESTIMATORS = estimators_of("iwae")  # every IWAE estimator registered
 
 
 def grads(model: nn.Module, part: nn.Module, surrogate: torch.Tensor) -> torch.Tensor:

@@ -1,24 +1,47 @@
-"""Likelihoods: the pairwise log-density every evaluator relies on, for every likelihood."""
+"""Likelihoods: the pairwise log-density every evaluator relies on, for every registered
+likelihood, each built from a config by its own ``settings`` (no table of them here)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mapa_vae.models.likelihoods import make_likelihood
+from mapa_vae.config import TrainConfig
+from mapa_vae.models.likelihoods import Likelihood, make_likelihood
 from mapa_vae.registry import LIKELIHOODS
 
-CONFIGS = {"gaussian": {"noise_var": 0.05}, "bernoulli": {"rho": 0.9},
-           "continuous-bernoulli": {"rho": 0.9}}
+
+def built(name: str) -> Likelihood:
+    """The likelihood ``name`` as a run of a file of points with ``--noise-var 0.05`` builds it."""
+    data = SimpleNamespace(name="points.npy", truth=None)
+    return make_likelihood(LIKELIHOODS[name].settings(TrainConfig(noise_var=0.05), data))
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
 @pytest.mark.parametrize("m", [7, 5000])  # 5000 × 70 × 20 exceeds one block: the chunked path
 def test_pairwise_log_prob_equals_the_broadcast_density(name, m):
-    lik = make_likelihood({"name": name, **CONFIGS[name]})
+    lik = built(name)
     params = torch.randn(m, 20, dtype=torch.float64)
     x = torch.rand(70, 20, dtype=torch.float64)
     got = lik.pairwise_log_prob(params, x)
     want = torch.stack([lik(params).log_prob(x[b]) for b in range(x.shape[0])])  # (B, M)
     assert got.shape == (70, m)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_settings_round_trip_through_config(name):
+    """What ``settings`` builds is what a checkpoint stores and rebuilds."""
+    lik = built(name)
+    assert lik.name == name
+    again = make_likelihood(lik.config())
+    assert type(again) is type(lik) and again.config() == lik.config()
+
+
+def test_a_gaussian_on_a_file_needs_its_noise_variance():
+    from mapa_vae.errors import MapaError
+
+    with pytest.raises(MapaError, match="needs --noise-var"):
+        LIKELIHOODS["gaussian"].settings(TrainConfig(), SimpleNamespace(name="points.npy", truth=None))
