@@ -283,7 +283,7 @@ class KernelDensityPrior(CodePrior):
         lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, used - 1)]
         best_h, best_score = grid[best], scores[best]
         golden = (math.sqrt(5) - 1) / 2
-        while used < steps and hi - lo > 1e-3:  # golden-section search on the bracket
+        while used + 2 <= steps and hi - lo > 1e-3:  # golden-section search on the bracket
             a, b = hi - golden * (hi - lo), lo + golden * (hi - lo)
             sa, sb = score(a), score(b)
             used += 2
