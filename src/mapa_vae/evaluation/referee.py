@@ -172,8 +172,8 @@ class Referee:
     """
 
     def __init__(self, model: LatentVariableModel, train: Tensor | None = None, samples: int = 1000,
-                 top: int = 5, defensive: float = 0.1, pilot_samples: int = 50,
-                 pilot_points: int = 100, chunk: int = 2**13,
+                 top: int = 5, defensive: float = 0.1, pilot_samples: int = 32,
+                 pilot_points: int = 64, chunk: int = 2**13,
                  candidates: Sequence[Candidate] | None = None) -> None:
         if samples < 1 or pilot_samples < 1 or pilot_points < 1 or top < 1:
             raise ValueError("samples, pilot_samples, pilot_points and top must be positive")
