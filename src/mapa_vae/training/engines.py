@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..errors import MapaError
-from ..inference.objectives import ELBO, IWAE, MAPA, Objective, PassCounter
+from ..inference.objectives import MAPA, Objective, PassCounter
 from ..methods.base import Architecture, Method
 from ..models.ensemble import Ensemble, StreamEncoder
 from ..models.latent import CodeEncoder, GaussianEncoder, LatentVariableModel
@@ -105,11 +105,12 @@ def vectorizable(cfg: TrainConfig, model: LatentVariableModel, objective: Object
         return f"--batching {cfg.batching} gives the copies batches of unequal sizes"
     if par.world > 1:
         return "torchrun shards each copy's batches"
-    if type(objective) in (ELBO, IWAE) and isinstance(model.encoder, GaussianEncoder):
-        return None
-    if type(objective) is MAPA and objective.reuse and isinstance(model.encoder, CodeEncoder):
-        return None
-    return f"{type(objective).__name__} has no batched form"
+    if not objective.batched:  # the objective says whether it broadcasts over the copies' axis
+        return f"{type(objective).__name__} has no batched form (Objective.batched)"
+    encoder = CodeEncoder if isinstance(objective, MAPA) else GaussianEncoder
+    if not isinstance(model.encoder, encoder):
+        return f"{type(objective).__name__}'s stacked copies need a {encoder.__name__}"
+    return None
 
 
 def make_engine(method: Method, cfg: TrainConfig, data: Dataset, likelihood: Likelihood,

@@ -109,6 +109,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
         train_x, val_x = data.train.to(device, dtype), data.val.to(device, dtype)
         # --- the copies (one unless --restarts), each seeded from (seed, r), and their optimizers
         engine, sequential_because = make_engine(method, cfg, data, likelihood, train_x, par)
+        if cfg.restarts > 1 and sequential_because and par.main:  # slower: say so, in one line
+            print(f"mapa-vae: note: the {cfg.restarts} restarts train one after another: "
+                  f"{sequential_because}", file=sys.stderr)
         copies = [CopyProgress(copy_seeds(cfg.seed, r).torch,
                                best_model=copy.deepcopy(engine.member(r).state_dict()))
                   for r in range(cfg.restarts)]  # as each run starts: its initial weights
