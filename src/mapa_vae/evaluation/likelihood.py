@@ -112,10 +112,10 @@ def importance_log_likelihood(
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk]
         q, p = _proposal(m, xb, code_scale), m.prior()
-        zq = q.sample((samples,))  # (S, b, L)
-        zp = p.sample((samples, xb.shape[0]))  # (S, b, L)
-        pick = torch.rand(samples, xb.shape[0], 1, device=x.device) < defensive
-        z = torch.where(pick, zp, zq)
+        z = q.sample((samples,))  # (S, b, L)
+        pick = torch.rand(samples, xb.shape[0], device=x.device) < defensive  # (S, b)
+        if pick.any():  # draw the prior's share only: sampling a flow prior is the costly part
+            z[pick] = p.sample((int(pick.sum()),)).to(z)
         log_p_z = p.log_prob(z)  # (S, b)
         log_r = torch.logaddexp(math.log1p(-defensive) + q.log_prob(z), math.log(defensive) + log_p_z)
         log_w = m.decoder(z).log_prob(xb) + log_p_z - log_r  # (S, b)
