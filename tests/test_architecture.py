@@ -137,7 +137,7 @@ def test_help_lists_each_registry_and_every_default():
         if isinstance(reg, Registry):
             for entry in reg:
                 assert entry in text, (name, entry)
-    assert "(default: 500)" in text and "(default: 0.001)" in text
+    assert "(default: 100)" in text and "(default: 0.001)" in text
 
 
 def test_config_file_and_flags_share_one_schema(tmp_path):
@@ -187,9 +187,9 @@ class AutoencoderMethod(Method):
 
 @pytest.fixture
 def toy_method():
-    METHODS.register("toy-autoencoder", AutoencoderMethod())
-    yield "toy-autoencoder"
-    METHODS.unregister("toy-autoencoder")
+    METHODS.register(AutoencoderMethod())  # under its own name
+    yield AutoencoderMethod.name
+    METHODS.unregister(AutoencoderMethod.name)
 
 
 TINY = {"n_train": 120, "n_val": 60, "n_test": 120, "eval_every": 1, "val_grid": 2**10,
@@ -233,7 +233,7 @@ def test_unregistering_removes_the_choice(toy_method):
     assert toy_method not in _train_parser().format_help()
     with pytest.raises(mapa_vae.MapaError, match="unknown method"):
         TrainConfig(method=toy_method)
-    METHODS.register(toy_method, AutoencoderMethod())  # for the fixture's teardown
+    METHODS.register(AutoencoderMethod())  # for the fixture's teardown
 
 
 def test_registry_refuses_a_second_entry_under_one_name():
@@ -243,3 +243,80 @@ def test_registry_refuses_a_second_entry_under_one_name():
     with pytest.raises(mapa_vae.MapaError, match="already registered"):
         reg.register("one", 2)
     assert reg["one"] == 1 and list(reg) == ["one"]
+
+
+# --- each name written once ---------------------------------------------------------------------
+
+
+def test_register_reads_the_entrys_own_name():
+    reg: Registry[Any] = Registry("toy")
+
+    class Thing:
+        name = "thing"
+
+    assert reg.register(Thing) is Thing and reg["thing"] is Thing
+    with pytest.raises(mapa_vae.MapaError, match="class attribute 'name'"):
+        reg.register(object())
+
+
+def test_entries_are_registered_under_their_own_names():
+    for reg in (METHODS, registry.LIKELIHOODS, registry.ESTIMATORS):
+        for key, entry in reg.items():
+            assert entry.name == key, (reg.kind, key)
+
+
+def test_lists_of_names_come_from_the_registries():
+    from mapa_vae.inference.score_function import SIGNALS
+
+    assert METHODS["iwae"].estimators == registry.estimators_of("iwae") == ("naive", "stl", "dreg")
+    assert METHODS["sbn"].estimators == registry.estimators_of("score-function")
+    assert METHODS["vae"].estimators == () and METHODS["mapa"].estimators == ()
+    assert set(SIGNALS) <= set(registry.estimators_of("score-function"))
+    assert {f"learned-{s}" for s in SIGNALS} <= set(registry.POSTERIORS)
+
+
+def test_every_method_module_is_imported_by_the_package():
+    import pkgutil
+    import sys
+
+    import mapa_vae.methods as methods
+
+    for module in pkgutil.iter_modules(methods.__path__):
+        assert f"mapa_vae.methods.{module.name}" in sys.modules, module.name
+
+
+def test_the_pass_grid_is_the_papers_grid():
+    from mapa_vae.experiments.reproduce import PASS_GRID
+    from mapa_vae.experiments.sweep import PROFILES
+
+    assert PROFILES["paper"].samples == PASS_GRID
+
+
+def _commands() -> dict[str, Any]:
+    return next(a for a in build_parser()._actions if a.dest == "command").choices  # type: ignore[attr-defined]
+
+
+def test_cli_choices_are_the_tables_they_name():
+    from mapa_vae.experiments.sweep import BACKENDS, PROFILES
+
+    actions = {a.dest: a for a in _commands()["reproduce"]._actions}
+    assert list(actions["profile"].choices) == list(PROFILES)
+    assert list(actions["backend"].choices) == list(BACKENDS)
+
+
+def test_one_threads_flag_on_every_command_with_the_configs_floor():
+    low = next(f for f in dataclasses.fields(TrainConfig) if f.name == "threads").metadata["low"]
+    for name, command in _commands().items():
+        assert any("--threads" in a.option_strings for a in command._actions), name
+    assert not any("--threads" in a.option_strings for a in build_parser()._actions)  # not twice
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        main(["data", "circle", "--out", "x.npy", "--threads", str(low - 1)])
+    assert f"must be at least {low}" in stderr.getvalue()
+
+
+def test_the_old_place_of_threads_still_works(tmp_path):
+    out = tmp_path / "x.npy"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["--threads", "1", "data", "circle", "--n", "5", "--out", str(out)]) == 0
+    assert out.exists()
