@@ -3,6 +3,7 @@ a normalized proposal, a width that follows the codes' scale, and the ``evaluate
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -269,6 +270,10 @@ def test_evaluate_prints_the_errors_the_proposal_and_the_empiricalized_score(map
     assert re.search(r"exact empiricalized log-likelihood .* 96 training atoms.*: -?[0-9.]+ nats", out), out
     # the whole file holds the run's 96 training rows (80 %), and evaluate says so
     assert "warning: 96 of the 120 rows" in err, err
+    # train's final evaluation recorded the same referee's errors, proposal and empiricalized score
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test_log_lik_stderr"] > 0 and metrics["test_log_lik_mc_stderr"] > 0
+    assert "proposal" in metrics["test_log_lik_how"] and math.isfinite(metrics["test_empirical_log_lik"])
 
 
 def test_evaluate_scores_one_row_and_a_built_in_test_split(mapa_run, tmp_path, capsys):
