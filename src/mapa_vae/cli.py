@@ -37,6 +37,7 @@ from .data.mnist import load_binarized_mnist
 from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
 from .experiments.reproduce import reproduce
+from .experiments.sweep import BACKENDS, PROFILES
 from .registry import METHODS, choices
 from .storage import atomic_write, strict_json
 from .training.distributed import resolve_device
@@ -262,9 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mapa-vae", formatter_class=_Help,
         description="Train VAEs with MAPA (model-agnostic posterior approximation), VAE or IWAE.",
     )
-    p.add_argument("--threads", type=int_at_least(1), default=1,
-                   help="torch CPU threads (default: 1; the small MLPs here run fastest on one "
-                   "thread and threads contend badly on a busy machine; raise for large models)")
     sub = p.add_subparsers(dest="command", required=True)
     add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
 
@@ -322,12 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "restarts together; finished "
                        "jobs are kept in --out, so an interrupted sweep resumes. Writes report.md, "
                        "report.html and figures/.")
-    r.add_argument("--profile", choices=["tiny", "quick", "medium", "paper"], default="quick",
+    r.add_argument("--profile", choices=list(PROFILES), default="quick",
                    help="quick: minutes on 2 CPU cores; medium: R = 5, D = 3, 500 epochs, about 2 "
                    "hours on 2 cores; paper: R = D = 10, 500 epochs; tiny: a smoke test")
     r.add_argument("--out", default="runs/reproduce", help="output directory (also the job store)")
     r.add_argument("--jobs", type=jobs_count, default=-1, help="parallel jobs (-1: all cores)")
-    r.add_argument("--backend", choices=["loky", "ray", "dask"], default="loky",
+    r.add_argument("--backend", choices=BACKENDS, default="loky",
                    help="joblib backend: local processes, or a Ray / Dask cluster")
     r.add_argument("--address", default=None, help="Ray or Dask scheduler address (default: local)")
     r.add_argument("--cache-dir", default=None,
@@ -353,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output directory")
     add_config_arguments(c, exclude=("method",))
     c.set_defaults(func=cmd_compare)
+    for command in sub.choices.values():
+        _add_threads(command)
     return p
 
 
@@ -368,10 +368,37 @@ def _resume_hint(e: KeyboardInterrupt) -> str:
             "with --resume to continue from it")
 
 
+_THREADS = next(f for f in dataclasses.fields(TrainConfig) if f.name == "threads")
+_THREADS_DEFAULT: int = _THREADS.default  # type: ignore[assignment]
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, on every command with one meaning and one floor: the config's knob (train
+    and compare have it among their config flags)."""
+    if any("--threads" in a.option_strings for a in parser._actions):
+        return
+    low = int(_THREADS.metadata["low"])
+    parser.add_argument("--threads", type=int_at_least(low), default=_THREADS_DEFAULT,
+                        help=f"{_THREADS.metadata['help']} (default: {_THREADS_DEFAULT})")
+
+
+def _threads_after_command(argv: Sequence[str] | None) -> list[str]:
+    """``mapa-vae --threads N COMMAND …`` (the flag's place before it was a config knob) read
+    as ``mapa-vae COMMAND --threads N …``, so older command lines keep working."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--threads"] and len(args) >= 3:
+        return [args[2], "--threads", args[1], *args[3:]]
+    if args[:1] and args[0].startswith("--threads=") and len(args) >= 2:
+        return [args[1], args[0], *args[2:]]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parser.parse_args(_threads_after_command(argv))
+    threads = getattr(args, "threads", _THREADS_DEFAULT)  # train/compare: the config applies it
+    if threads > 0:
+        torch.set_num_threads(threads)
     try:
         args.func(args)
     except NoUsableModel as e:  # the run is written, but nothing usable came out of it
