@@ -1,72 +1,90 @@
-"""Wall-clock of R restarts trained together (vectorized) against R separate runs (sequential).
+"""Seconds per epoch of R copies trained together against one copy, measured through the CLI.
 
-For MAPA (S = 50, k = 5), the VAE and IWAE (S = 50), the package's 3×50 tanh networks, N = 1000
-training points of ``--data``, batch 100, one torch thread: ``train --restarts R`` for R in
-{1, 3, 10} (``vectorized``; R = 1 is the plain single run) and R single runs one after another
-with seeds 0 … R-1 (``sequential``: the sum of their training seconds). ``seconds_per_epoch`` is
-a run's training seconds (the loop's clock: steps, and one validation at the last epoch, on a
-small validation set so that it stays a small part) over its epochs. Each record also has
-``ratio_to_r1``, its time over the R = 1 run's.
+For MAPA (S = 50, k = 5), the VAE and IWAE (S = 50), with 3×50 tanh networks, N = 1000 training
+points of ``--data``, batch 100, one torch thread, every knob stated (none left to a
+``TrainConfig`` default): ``mapa-vae train --restarts R`` for R in {1, 3, 10} (``together``:
+the engine the run chose, vectorized for these three methods; R = 1 is one copy) and R runs of
+``--restarts 1`` one after another with seeds 0 … R-1 (``one_after_another``: the sum of their
+training seconds). ``seconds_per_epoch`` is the run's own clock (``metrics.json``: its steps and
+one validation at the last epoch, on 100 validation points so that it stays a small part) over
+its epochs; ``ratio_to_r1`` is a record's time over the R = 1 run's, measured in the same
+process minutes apart (on a shared machine compare ratios, not seconds).
 
     python benchmarks/restarts.py --json restarts.json [--epochs 5] [--data circle]
+    python benchmarks/restarts.py --tiny --json /tmp/restarts.json   # seconds: the CI smoke test
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
+import io
 import json
-import os
-import platform
 import tempfile
-import time
+from pathlib import Path
 from typing import Any
 
-import torch
+from harness import bench_config, knobs_of, parser, start, write_records
 
-from mapa_vae.config import TrainConfig
-from mapa_vae.training.loop import train
+from mapa_vae.cli import main as cli
+from mapa_vae.config import TrainConfig, flag_name
 
 CASES = (("mapa", 50), ("vae", 1), ("iwae", 50))  # (method, S)
-RESTARTS = (1, 3, 10)
 
 
-def seconds_per_epoch(cfg: TrainConfig) -> float:
-    return float(train(cfg, progress=False).metrics["seconds_per_epoch"])
+def knobs(method: str, samples: int, data: str, epochs: int, n_train: int, restarts: int,
+          seed: int, cache: str) -> dict[str, Any]:
+    """Every knob of one run, stated."""
+    return dict(data=data, method=method, samples=samples, k=max(1, samples // 10), epochs=epochs,
+                eval_every=epochs, batch_size=100, lr=1e-3, seed=seed, restarts=restarts,
+                hidden=(50, 50, 50), activation="tanh", latent_dim=1, threads=1, dtype="float32",
+                batching="random", n_train=n_train, n_val=100, n_test=100, val_grid=2**8,
+                test_grid=2**8, prior_steps=50, cache_dir=cache)
+
+
+def seconds_per_epoch(cfg: TrainConfig, out: Path) -> float:
+    """``mapa-vae train`` with every stated knob as a flag; the run's seconds per epoch."""
+    argv = ["train", "--out", str(out), "--quiet", "--overwrite"]
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in STATED_FLAGS:
+            argv += [flag_name(key), *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's metrics, read from its file below
+        code = cli(argv)
+    if code != 0:
+        raise SystemExit(f"mapa-vae {' '.join(argv)} failed")
+    return float(json.loads((out / "metrics.json").read_text())["seconds_per_epoch"])
+
+
+STATED_FLAGS = tuple(knobs("mapa", 50, "circle", 1, 1, 1, 0, ""))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, help="write the records here")
-    parser.add_argument("--data", default="circle")
-    parser.add_argument("--epochs", type=int, default=5)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
+    p = parser(__doc__)
+    p.add_argument("--data", default="circle")
+    p.add_argument("--epochs", type=int, default=5)
+    args = p.parse_args()
+    info = start(args)
+    cases, restarts = (CASES, (1, 3, 10)) if not args.tiny else ((("mapa", 5), ("vae", 1)), (1, 2))
+    epochs, n_train = (args.epochs, 1000) if not args.tiny else (1, 100)
     records: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as cache:
-        for method, s in CASES:
-            base = dict(data=args.data, method=method, samples=s, epochs=args.epochs,
-                        eval_every=args.epochs, n_val=100, n_test=100, val_grid=2**8,
-                        test_grid=2**8, cache_dir=cache, threads=1)
-            seconds_per_epoch(TrainConfig(**{**base, "epochs": 1}))  # warm up (and fill MAPA's cache)
-            single = [seconds_per_epoch(TrainConfig(**base, seed=r)) for r in range(max(RESTARTS))]
-            for r in RESTARTS:
-                vec = single[0] if r == 1 else seconds_per_epoch(TrainConfig(**base, restarts=r))
-                seq = sum(single[:r])
-                for mode, sec in (("vectorized", vec), ("sequential", seq)):
+    stated: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        for method, s in cases:
+            def cfg(r: int, seed: int = 0, e: int = epochs, m: str = method, s: int = s) -> TrainConfig:
+                return bench_config(**knobs(m, s, args.data, e, n_train, r, seed, str(Path(tmp) / "cache")))
+            seconds_per_epoch(cfg(1, e=1), out)  # warm up (and fill MAPA's cache)
+            stated[method] = knobs_of(cfg(1), "data", "k", "epochs", "batching", "n_train", "n_val")
+            single = [seconds_per_epoch(cfg(1, seed), out) for seed in range(max(restarts))]
+            for r in restarts:
+                together = single[0] if r == 1 else seconds_per_epoch(cfg(r), out)
+                for mode, sec in (("together", together), ("one_after_another", sum(single[:r]))):
                     records.append({"method": method, "samples": s if method != "vae" else None,
                                     "restarts": r, "mode": mode, "seconds_per_epoch": sec,
                                     "ratio_to_r1": sec / single[0]})
-                    print(f"{method:5s} S={s:3d} R={r:2d} {mode:10s} {sec:8.4f} s/epoch "
+                    print(f"{method:5s} S={s:3d} R={r:2d} {mode:17s} {sec:8.4f} s/epoch "
                           f"({sec / single[0]:.2f}× R=1)", flush=True)
-    meta = {"load_average_before": load_before, "load_average_after": os.getloadavg(),
-            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": 1, "data": args.data, "epochs": args.epochs,
-            "wall_seconds": time.perf_counter() - t0}
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "records": records}, f, indent=2)
-    print(json.dumps(meta))
+    write_records(args.json, "restarts", info, stated, records)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch import Tensor
 from ..registry import TAILS
 from .posterior import MapaPosterior
 
-__all__ = ["PerPointTail", "SharedTail", "TailProposal", "make_tail"]
+__all__ = ["PerPointTail", "SharedTail", "TailProposal", "TailTable", "make_tail"]
 
 
 class TailProposal(ABC):
@@ -53,16 +53,74 @@ class TailProposal(ABC):
 class PerPointTail(TailProposal):
     """Each point's own ``S`` i.i.d. draws from ``q̃_k(· | n)`` (Eq. 9), the paper's estimator.
 
+    The posterior is fixed during training, so every point's sampler (:class:`TailTable`) is
+    built once for a posterior and ``k`` and kept; a draw is then a lookup.
+
     >>> from mapa_vae.inference.posterior import uniform_posterior
     >>> idx, off = PerPointTail().draw(uniform_posterior(10), torch.tensor([0, 5]), 2, 3)
     >>> idx.shape, round(float(off[0, 0]), 4) == round(math.log(8 / 3), 4)
     (torch.Size([2, 3]), True)
     """
 
+    def __init__(self) -> None:
+        self.table: TailTable | None = None
+
     def draw(self, posterior: MapaPosterior, rows: Tensor, k: int, samples: int,
              generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        idx, log_q = posterior.sample_tail(rows, k, samples, generator)  # (B, S) each
+        if self.table is None or self.table.posterior is not posterior or self.table.k != k:
+            self.table = TailTable(posterior, k)
+        idx, log_q = self.table.sample(rows, samples, generator)  # (B, S) each
         return idx, -log_q - math.log(samples)
+
+
+class TailTable:
+    """Every point's tail sampler for ``q̃_k(· | n)``, built once (``O(N·K)`` memory).
+
+    Row ``n``'s tail has ``W = K - k + 1`` outcomes: the stored columns ``k … K-1`` with mass
+    ``q(i | n)``, and one more, "not stored", with the leftover mass ``exp(log_rest[n])``,
+    spread uniformly over the ``N - K`` atoms not stored. The table keeps each row's cumulative
+    masses ``(N, W)`` (float64, normalized) and, when ``K < N``, its stored indices sorted and
+    shifted ``(N, K)``; :meth:`sample` then draws by inverse transform, ``u ~ U[0, 1)`` and a
+    binary search per draw, where :meth:`MapaPosterior.sample_tail` re-derives the row's
+    normalized masses (a log-sum-exp over ``K``) at every call. Same distribution, same log
+    densities; other draws from the same generator.
+    """
+
+    def __init__(self, posterior: MapaPosterior, k: int) -> None:
+        self.posterior, self.k = posterior, k
+        n, kk = posterior.n_points, posterior.top_k
+        logits = torch.cat([posterior.log_q[:, k:], posterior.log_rest[:, None]], -1)  # (N, W)
+        self.log_norm = torch.logsumexp(logits, -1, keepdim=True)  # (N, 1): log tail mass
+        cdf = torch.cumsum(torch.exp((logits - self.log_norm).double()), -1)  # (N, W)
+        self.cdf = cdf / cdf[:, -1:]  # the last entry exactly 1: u < 1 always lands in a row
+        self.shifted: Tensor | None = None
+        if kk < n:
+            # The r-th index (0-based) not among a row's stored K is r + #{j: s_j - j <= r},
+            # with s the row's sorted stored indices.
+            stored_sorted = torch.sort(posterior.index, -1).values  # (N, K)
+            self.shifted = stored_sorted - torch.arange(kk, device=stored_sorted.device)
+
+    def sample(self, rows: Tensor, samples: int,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``samples`` draws ``i ~ q̃_k(· | n)`` per row ``(B,)``, with replacement (Eq. 9):
+        indices ``(B, S)`` and their ``log q̃_k(i | n)`` ``(B, S)``."""
+        post, k = self.posterior, self.k
+        b, n, kk = rows.shape[0], post.n_points, post.top_k
+        u = torch.rand(b, samples, generator=generator, dtype=torch.float64, device=rows.device)
+        col = torch.searchsorted(self.cdf[rows], u, right=True)  # (B, S), in [0, W)
+        stored = col < kk - k
+        rest = post.log_rest[rows, None] - (math.log(n - kk) if kk < n else 0.0)  # (B, 1)
+        if kk > k:
+            at = (rows[:, None], col.clamp_max(kk - k - 1) + k)  # (B, S) cells of the table
+            log_q = torch.where(stored, post.log_q[at], rest)
+            idx = post.index[at]
+        else:  # nothing stored past B_n(k): every draw is an unstored atom
+            log_q, idx = rest.expand(b, samples), torch.zeros_like(col)
+        if self.shifted is not None and not bool(stored.all()):
+            r = torch.randint(0, n - kk, (b, samples), generator=generator, device=rows.device)
+            unstored = r + torch.searchsorted(self.shifted[rows], r, right=True)
+            idx = torch.where(stored, idx, unstored)
+        return idx, log_q - self.log_norm[rows]
 
 
 @TAILS.register("shared")
