@@ -168,13 +168,17 @@ class Referee:
     ``σ`` and the exact empiricalized log-likelihood); ``samples``: ``K`` final draws per point;
     ``top``: atoms per point ``m``; ``defensive``: the prior's weight ``a``; ``chunk``: draws ×
     points per decoder call; ``candidates``: the local proposals to choose among (default: the
-    module docstring's). Works in float64 on a copy of the model.
+    module docstring's); ``target_stderr``: if given, ``K`` is the fewest draws (from
+    ``min_samples`` to ``samples``) that meet this per-point standard error by the pilot's
+    variance (draws independent of the final ones, so the estimate stays a proper one). Works in
+    float64 on a copy of the model.
     """
 
     def __init__(self, model: LatentVariableModel, train: Tensor | None = None, samples: int = 1000,
                  top: int = 5, defensive: float = 0.1, pilot_samples: int = 32,
                  pilot_points: int = 64, chunk: int = 2**13,
-                 candidates: Sequence[Candidate] | None = None) -> None:
+                 candidates: Sequence[Candidate] | None = None, target_stderr: float | None = None,
+                 min_samples: int = 100) -> None:
         if samples < 1 or pilot_samples < 1 or pilot_points < 1 or top < 1:
             raise ValueError("samples, pilot_samples, pilot_points and top must be positive")
         self.model = _float64(model)
@@ -182,6 +186,7 @@ class Referee:
         self.samples, self.top, self.defensive = samples, top, defensive
         self.pilot_samples, self.pilot_points, self.chunk = pilot_samples, pilot_points, chunk
         self.fixed = None if candidates is None else list(candidates)
+        self.target_stderr, self.min_samples = target_stderr, min_samples
         probe = self.model.encoder(torch.zeros(1, self._data_dim(train), dtype=torch.float64,
                                                device=self.device))
         self.deterministic = not isinstance(probe, Distribution)
@@ -302,14 +307,26 @@ class Referee:
         return torch.linspace(0, n - 1, min(self.pilot_points, n)).round().long()
 
     def _choose(self, x: Tensor, atoms: tuple[Tensor, Tensor] | None,
-                bar: tqdm | None = None) -> Candidate:
+                bar: tqdm | None = None) -> tuple[Candidate, float | None]:
+        """The candidate with the highest pilot score, and the pilot's mean per-draw variance of
+        its normalized weights (None when no pilot ran)."""
         cands = self.candidates()
-        if len(cands) == 1:
-            return cands[0]
+        if len(cands) == 1 and self.target_stderr is None:
+            return cands[0], None
         rows = self._pilot_rows(x.shape[0])
         sub = None if atoms is None else (atoms[0][rows], atoms[1][rows])
-        scores = [float(self._estimate(x[rows], c, sub, self.pilot_samples, bar)[0].mean()) for c in cands]
-        return cands[max(range(len(cands)), key=scores.__getitem__)]
+        pilots = [self._estimate(x[rows], c, sub, self.pilot_samples, bar) for c in cands]
+        best = max(range(len(cands)), key=lambda i: float(pilots[i][0].mean()))
+        return cands[best], float(pilots[best][1].square().mean()) * self.pilot_samples
+
+    def _draws(self, spread: float | None) -> int:
+        """``K``: ``samples``, or with ``target_stderr`` τ the fewest draws (at least
+        ``min_samples``) whose per-point standard error ``√(v / K)`` meets τ for the pilot's
+        per-draw variance ``v``."""
+        if self.target_stderr is None or spread is None:
+            return self.samples
+        need = math.ceil(spread / self.target_stderr**2)
+        return min(self.samples, max(self.min_samples, need))
 
     def _prepare(self, x: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """``x`` in float64 where the model is, its empiricalized log-likelihood and top atoms."""
@@ -323,7 +340,7 @@ class Referee:
     def choose(self, x: Tensor) -> Candidate:
         """The candidate the pilot picks for the points ``x`` ``(B, D)``."""
         x, _, atoms = self._prepare(x)
-        return self._choose(x, atoms)
+        return self._choose(x, atoms)[0]
 
     @torch.no_grad()
     def __call__(self, x: Tensor, progress: bool | None = None) -> Estimate:
@@ -331,15 +348,19 @@ class Referee:
         terminal only)."""
         x, empirical, atoms = self._prepare(x)
         n_cands = len(self.candidates())
-        pilot = n_cands * self.pilot_samples * self._pilot_rows(x.shape[0]).numel() if n_cands > 1 else 0
+        piloted = n_cands > 1 or self.target_stderr is not None
+        pilot = n_cands * self.pilot_samples * self._pilot_rows(x.shape[0]).numel() if piloted else 0
         with tqdm(total=pilot + self.samples * x.shape[0], desc="log-likelihood", unit="draw",
                   unit_scale=True, leave=False, disable=None if progress is None else not progress) as bar:
-            best = self._choose(x, atoms, bar)
-            values, stderr = self._estimate(x, best, atoms, self.samples, bar)
-        how = (f"importance sampling, K={self.samples}, proposal {1 - self.defensive:g} "
+            best, spread = self._choose(x, atoms, bar)
+            k = self._draws(spread)
+            bar.total = pilot + k * x.shape[0]
+            values, stderr = self._estimate(x, best, atoms, k, bar)
+        how = (f"importance sampling, K={k}, proposal {1 - self.defensive:g} "
                f"[{best.describe(self.sigma, self.top)}] + {self.defensive:g} p(z)")
-        if n_cands > 1:
-            how += (f", chosen among {n_cands} by a pilot of {self.pilot_samples} draws on "
+        if piloted:
+            among = f"chosen among {n_cands} " if n_cands > 1 else ""
+            how += (f", {among}by a pilot of {self.pilot_samples} draws on "
                     f"{self._pilot_rows(x.shape[0]).numel()} points")
         return Estimate(values.cpu(), stderr.cpu(), how,
                         None if empirical is None else empirical.cpu())
