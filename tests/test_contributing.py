@@ -93,6 +93,7 @@ DRIVER = r"""
 import contextlib, io, json, sys
 from pathlib import Path
 from mapa_vae.cli import main
+from mapa_vae.storage import load_tensors, save_tensors
 from mapa_vae.training.runs import load_run
 
 out = Path(sys.argv[1])
@@ -117,10 +118,16 @@ runs = {
     "laplace-vae": train("laplace-vae", "--method", "vae", "--likelihood", "laplace",
                          "--restarts", "1"),
 }
-# a run folder written before the knob existed: its config.json has no "beta"
+# a run folder as written before the knob existed: no "beta" in config.json nor in the config
+# its model file is tied to
 config = json.loads((out / "old" / "config.json").read_text())
 del config["beta"]
 (out / "old" / "config.json").write_text(json.dumps(config))
+saved = load_tensors(out / "old" / "model.pt")
+tied = json.loads(saved["config"])
+tied.pop("beta", None)
+saved["config"] = json.dumps(tied, sort_keys=True, default=str)
+save_tensors(out / "old" / "model.pt", saved)
 run = load_run(out / "old")
 runs["old-loads"] = {"rc": 0, "beta": run.config.beta, "dim": run.data_dim}
 print(json.dumps(runs))
