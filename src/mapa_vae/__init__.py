@@ -10,6 +10,7 @@ method trains and how it ends), :mod:`~mapa_vae.training` (the loop, runs, torch
 the one training config and :mod:`~mapa_vae.registry` the registry of every named choice.
 """
 
+from . import _startup
 from .config import TrainConfig
 from .data.dataset import Dataset, make_ground_truth_data
 from .data.files import check_array, load_array
@@ -53,6 +54,8 @@ from .models.sbn import SBN
 from .registry import METHODS
 from .training.loop import TrainResult, train
 from .training.runs import Run, load_run
+
+_startup.imported()  # Ctrl-C from here on: the command line's own handling
 
 __version__ = "0.1.0"
 

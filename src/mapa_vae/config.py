@@ -20,6 +20,7 @@ mapa_vae.errors.MapaError: epochs (--epochs) must be at least 1, got 0
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -99,14 +100,18 @@ class TrainConfig:
     epochs: int = knob(500, "training epochs (the paper's protocol: 500)", low=1)
     batch_size: int = knob(100, "points per gradient step", low=1)
     lr: float = knob(1e-3, "Adam learning rate", low=0.0, open_low=True)
-    seed: int = knob(0, "initialization, batching and sampling seed")
+    seed: int = knob(0, "initialization, batching and sampling seed (any non-negative integer)",
+                     low=0)
     restarts: int = knob(3, "R: independently initialized copies trained together (seeds seed … "
                          "seed+R-1); the best by validation is kept (README \"Restarts\": "
                          "why 3)", low=1, short="-R", old=1)
-    data_seed: int = knob(0, "which draw of a built-in data set")
-    n_train: int = knob(1000, "built-in data: training points", low=1)
-    n_val: int = knob(500, "built-in data: validation points", low=1)
-    n_test: int = knob(2000, "built-in data: test points", low=1)
+    data_seed: int = knob(0, "which draw of a built-in data set, or of a file's split (any "
+                          "non-negative integer)", low=0)
+    n_train: int | None = knob(None, "training points: a built-in curve or generated image set "
+                               "draws this many (none = 1000); a file or fixed-size set takes a "
+                               "random subset of its training split (none = all of it)", low=1)
+    n_val: int | None = knob(None, "validation points, likewise (none = 500 drawn, or all)", low=1)
+    n_test: int | None = knob(None, "test points, likewise (none = 2000 drawn, or all)", low=1)
     # --- the model
     likelihood: str | None = knob(None, "observation model; none = the data set's own (gaussian "
                                   "for a file)", choices=LIKELIHOODS)
@@ -179,8 +184,11 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             setattr(self, f.name, _check_field(f, getattr(self, f.name)))
 
+        if isinstance(self.data, Path):  # the Python API may name a file by its path
+            self.data = str(self.data)
     @property
     def mapa_k(self) -> int:
+        _check_together(self)
         """MAPA's ``k``: as given, else 10 % of ``S`` (at least 1), the paper's smaller setting."""
         return self.k if self.k is not None else max(1, round(0.1 * self.samples))
 
@@ -284,3 +292,27 @@ def _check_field(f: dataclasses.Field[Any], value: Any) -> Any:
             raise MapaError(f"{_name(f)} must be a JSON object, got {value!r}")
         return dict(value)
     return _scalar(f, tp, value)
+
+
+# Below this σ², float32 rounding of the data alone (|x| · 2⁻²⁴ per coordinate) costs thousands of
+# nats per point in the Gaussian log-density, and its exponent overflows: nothing can be learned.
+MIN_NOISE_VAR = {"float32": 1e-10, "float64": 1e-24}
+
+
+def _check_together(cfg: TrainConfig) -> None:
+    """Checks of one field against another, and of what the run will write, before any work."""
+    if not cfg.data.strip():
+        raise MapaError("data (--data) is empty; give a built-in data set or a file")
+    if cfg.tensorboard is not None and not cfg.tensorboard.strip():
+        raise MapaError("tensorboard (--tensorboard) is empty; give a folder")
+    if cfg.image_shape is not None and cfg.network != "conv":
+        raise MapaError(f"image_shape (--image-shape) only shapes the conv network's input; with "
+                        f"--network {cfg.network} it would be ignored: drop it or add --network conv")
+    floor = MIN_NOISE_VAR[cfg.dtype]
+    if cfg.noise_var is not None and cfg.noise_var < floor:
+        raise MapaError(f"noise_var (--noise-var) must be at least {floor:g} in {cfg.dtype} (below "
+                        f"it rounding of the data dominates the log-density), got {cfg.noise_var:g}")
+    try:
+        json.dumps(cfg.extra)
+    except (TypeError, ValueError) as e:
+        raise MapaError(f"extra: must hold only JSON values (it is written to config.json): {e}") from None

@@ -13,9 +13,25 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..seeds import check_seed, copy_seeds, torch_seed
 from .groundtruth import GroundTruth, ground_truth
 
-__all__ = ["Dataset", "make_ground_truth_data"]
+__all__ = ["Dataset", "data_generator", "fresh_points", "make_ground_truth_data"]
+
+_TORCH_SEEDS = 2**64  # torch.Generator.manual_seed takes seeds below this
+
+
+def data_generator(seed: int) -> torch.Generator:
+    """The torch generator of draw ``seed`` of a data set. Seeds below 2⁶⁴ seed it as they are
+    (the draws of every earlier version); larger ones are hashed down through a seed sequence
+    (:func:`mapa_vae.seeds.torch_seed`), so any non-negative integer is a draw.
+
+    >>> a = torch.rand(2, generator=data_generator(2**70))
+    >>> bool((a == torch.rand(2, generator=data_generator(2**70))).all())
+    True
+    """
+    seed = check_seed(seed, "--data-seed")
+    return torch.Generator().manual_seed(seed if seed < _TORCH_SEEDS else torch_seed(seed))
 
 
 @dataclass
@@ -52,7 +68,22 @@ def make_ground_truth_data(
 ) -> Dataset:
     """Draw the splits of a built-in data set from its ground truth, reproducibly from ``seed``."""
     truth = ground_truth(name, surrogate=surrogate)
-    g = torch.Generator().manual_seed(seed)
+    g = data_generator(seed)
     (x_tr, z_tr), (x_va, z_va), (x_te, z_te) = (truth.sample(n, g) for n in (n_train, n_val, n_test))
     return Dataset(name, x_tr, x_va, x_te, truth, z_tr, z_va, z_te)
 
+
+FRESH_STREAM = 2**32 - 1
+"""The spawn key of the seed sequence that :func:`fresh_points` draws from; the splits of
+:func:`make_ground_truth_data` are seeded directly, so the two streams never meet."""
+
+
+def fresh_points(name: str, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` new points of built-in curve ``name`` and their true codes, ``((n, D), (n, L))``.
+
+    They come from a stream (seed sequence ``seed``, spawn key :data:`FRESH_STREAM`) that no
+    split of :func:`make_ground_truth_data` uses, whatever its ``data_seed``: scoring them measures
+    a model on data it never saw, unlike a draw with the training split's own seed.
+    """
+    g = torch.Generator().manual_seed(copy_seeds(seed, FRESH_STREAM).torch)
+    return ground_truth(name).sample(n, g)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import MapaError
 
-__all__ = ["check_array", "load_array"]
+__all__ = ["check_array", "load_array", "parse_number"]
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -86,16 +86,50 @@ def _read_csv(path: Path) -> np.ndarray:
             raise MapaError(f"{path}: row {r} has {len(row)} columns, expected {width}")
         for c, cell in enumerate(row):
             try:
-                values[r - start - 1, c] = float(cell)
+                values[r - start - 1, c] = parse_number(cell)
             except ValueError:
                 msg = f"{path}: row {r}, column {c + 1}: {cell.strip()!r} is not a number"
-                raise MapaError(msg + _hint(delimiter.join(row))) from None
+                raise MapaError(msg + (_cell_hint(cell) or _hint(delimiter.join(row)))) from None
             if not np.isfinite(values[r - start - 1, c]):  # name the cell as the file counts it
                 raise MapaError(f"{path}: non-finite value {cell.strip()!r} at row {r}, column {c + 1}")
             if abs(values[r - start - 1, c]) > FLOAT32_MAX:
                 raise MapaError(f"{path}: value {cell.strip()!r} at row {r}, column {c + 1} {_TOO_LARGE}")
     return values
 
+
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                     r"|[+-]?(?:nan|inf|infinity)", re.IGNORECASE)
+
+
+def parse_number(cell: str) -> float:
+    """A CSV cell as a float, strictly: ASCII decimal notation only (``-1.5``, ``2e-3``, and
+    ``nan`` / ``inf``, which the caller then refuses by name). Python's :func:`float` would also
+    read ``12_0`` as 120 and the full-width ``１`` as 1; those raise :class:`ValueError` here.
+
+    >>> parse_number(" -1.5e2 ")
+    -150.0
+    >>> parse_number("12_0")
+    Traceback (most recent call last):
+    ...
+    ValueError: not a decimal number: '12_0'
+    """
+    text = cell.strip()
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(f"not a decimal number: {cell!r}")
+    return float(text)
+
+
+def _cell_hint(cell: str) -> str:
+    """Why one cell does not parse, where it can be told from the cell alone."""
+    text = cell.strip()
+    if re.fullmatch(r"[+-]?0[xXoObB][0-9a-fA-F_]+", text):
+        return "; hexadecimal, octal and binary literals are not read: write the decimal value"
+    if "_" in text and re.fullmatch(r"[+-]?[0-9_.eE+-]+", text):
+        return "; digit separators (_) are not read: write 1200 not 1_200"
+    if any(not ch.isascii() for ch in text):
+        return "; only the ASCII digits 0-9 are read (not full-width or other scripts' digits)"
+    return ""
 
 
 DELIMITERS = (",", ";", "\t")

@@ -41,8 +41,11 @@ from .samples_plot import plot_samples
 from .sweep import (
     PAPER_SAMPLES,
     PROFILES,
+    IncompleteSweep,
     Job,
     Profile,
+    check_backend,
+    check_writable_dir,
     estimate_seconds,
     load_record,
     make_jobs,
@@ -152,6 +155,9 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     """Run the protocol of ``profile`` and write figures and ``report.md`` / ``report.html``."""
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     out = Path(out)
+    check_backend(backend, address)  # everything the user gave, checked before the pilot runs
+    check_writable_dir(out, "--out")
+    check_writable_dir(cache_dir or TrainConfig().cache_path, "--cache-dir")
     fig_dir = out / "figures"
     jobs = make_jobs(prof)
     top_s = max(prof.samples)
@@ -215,6 +221,10 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
         rep.heading("Failed jobs")
         rep.table(["job", "error"], [[Job(**r["job"]).describe(), r["error"]] for r in failed])
     md, _ = rep.write(out)
+    if failed:  # the report is written; say on the terminal that its numbers are incomplete
+        raise IncompleteSweep(
+            f"{len(failed)} of {len(records)} jobs failed (first: {Job(**failed[0]['job']).describe()}: "
+            f"{failed[0]['error']}); {md} lists them all; run the same command again to retry them", md)
     return md
 
 
@@ -422,7 +432,6 @@ def claim_e(rep: Report, datasets: dict[str, Dataset], best, out: Path, figs, fi
     rep.paragraph("Equally well means the ratio lies in [0.5, 2]; the VAE variant must itself fit p(x) "
                   f"(its test KL is shown). Holds on {ok}/{len(rows)}. "
                   f"Verdict: {_verdict(ok / len(rows) if rows else 0.0, budget)}.")
-
 
 
 LEARNED = ("mapa-learned-nvil", "mapa-learned-vimco")  # against the fixed kernel, mapa-k10

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
+import os
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,8 +25,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..config import ADDED_LATER, TrainConfig
 from ..data.groundtruth import GROUND_TRUTHS
+from ..data.loading import DEFAULT_SIZES
 from ..errors import MapaError
 from ..registry import METHODS, Registry
 from ..storage import read_json, write_json
@@ -34,9 +37,12 @@ __all__ = [
     "BACKENDS",
     "PROFILES",
     "VARIANTS",
+    "IncompleteSweep",
     "Job",
     "Profile",
     "Variant",
+    "check_backend",
+    "check_writable_dir",
     "estimate_seconds",
     "make_jobs",
     "run_jobs",
@@ -136,6 +142,8 @@ PROFILES: dict[str, Profile] = {
     )
 }
 
+_KEYED_FROM_THE_START = ("restarts", "dtype")  # in every job key already written
+
 
 @dataclass(frozen=True)
 class Job:
@@ -158,7 +166,8 @@ class Job:
         return TrainConfig(
             data=self.data, method=v.method, samples=self.samples, k=k, seed=self.restart,
             restarts=self.restarts,
-            data_seed=self.draw, cache_dir=cache_dir, **v.knobs(), **dict(self.train),
+            data_seed=self.draw, cache_dir=cache_dir, **v.knobs(),
+            **{**DEFAULT_SIZES, **dict(self.train)},
         )
 
     @property
@@ -166,6 +175,9 @@ class Job:
         """A digest of everything the result depends on (the full config)."""
         cfg = dataclasses.asdict(self.config())
         cfg.pop("cache_dir")
+        for k, v in ADDED_LATER.items():  # a knob added after the first sweeps, at the value
+            if k not in _KEYED_FROM_THE_START and cfg.get(k) == v:  # they had: keys stay as they were
+                cfg.pop(k)
         payload = json.dumps({"variant": self.variant, "config": cfg}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -217,7 +229,7 @@ def estimate_seconds(jobs: Sequence[Job], n_jobs: int = 1, cache_dir: str | None
         for key, job in pilots.items():
             cfg = dataclasses.replace(job.config(cache_dir), epochs=1)
             if measured:  # the evaluation's cost is known: a small test set here
-                cfg = dataclasses.replace(cfg, n_test=min(cfg.n_test, 100),
+                cfg = dataclasses.replace(cfg, n_test=min(cfg.n_test or 100, 100),
                                           test_grid=min(cfg.test_grid, 2**10))
             t0 = time.perf_counter()
             try:
@@ -273,6 +285,58 @@ def load_record(store: Path, job: Job) -> dict[str, Any] | None:
     return record if record.get("status") == "done" and record.get("key") == job.key else None
 
 
+class IncompleteSweep(MapaError):
+    """Some jobs of a sweep failed: the report is written but its numbers are incomplete.
+
+    The message says how many failed and the first error; ``report`` is the report's path. The
+    command line exits with status 3; run the same command again to retry the failed jobs.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, report: Path) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def check_writable_dir(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, a folder that is a file, lies under one, or cannot be created
+    or written (e.g. under ``/proc``); a missing folder is created."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists() and not p.is_dir():
+            what = "is an existing file" if p == path else f"lies under the file {p}"
+            raise MapaError(f"{flag} {path}: {what}; give a directory")
+        if p.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MapaError(f"{flag} {path}: cannot create it ({e.strerror or type(e).__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise MapaError(f"{flag} {path}: cannot write there (permission denied)")
+
+
+def check_backend(backend: str, address: str | None) -> None:
+    """Refuse, before any work, a backend that cannot run: unknown, not installed, or given an
+    ``address`` it would not use."""
+    if backend not in BACKENDS:
+        raise MapaError(f"--backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "loky" and address is not None:
+        raise MapaError(f"--address {address}: the loky backend runs local processes and uses no "
+                        "address; add --backend ray or --backend dask, or drop --address")
+    module, extra = {"ray": ("ray", "ray"), "dask": ("distributed", "dask")}.get(backend, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise MapaError(f"--backend {backend} needs {backend.capitalize()}, which is not installed: "
+                        f"pip install 'mapa-vae[{extra}]'")
+
+
+def _unreachable(backend: str, address: str | None, e: BaseException) -> MapaError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = f"--address {address}" if address else f"--backend {backend}"
+    return MapaError(f"{where}: cannot start or reach the {backend.capitalize()} cluster ({text})")
+
+
 @contextmanager
 def _backend(backend: str, address: str | None) -> Iterator[None]:
     """joblib's backend for the sweep; a Ray or Dask client opened here is closed here."""
@@ -291,7 +355,10 @@ def _backend(backend: str, address: str | None) -> Iterator[None]:
             raise MapaError("--backend ray needs Ray: pip install 'mapa-vae[ray]'") from None
         started = not ray.is_initialized()
         if started:
-            ray.init(address=address)
+            try:
+                ray.init(address=address)
+            except (OSError, ConnectionError, RuntimeError, ValueError) as e:
+                raise _unreachable(backend, address, e) from None
         register_ray()
         try:
             with joblib.parallel_config(backend="ray"):
@@ -304,8 +371,11 @@ def _backend(backend: str, address: str | None) -> Iterator[None]:
             from dask.distributed import Client
         except ImportError:
             raise MapaError("--backend dask needs Dask: pip install 'mapa-vae[dask]'") from None
-        with Client(address) if address else Client(processes=True), \
-                joblib.parallel_config(backend="dask"):
+        try:
+            client = Client(address) if address else Client(processes=True)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise _unreachable(backend, address, e) from None
+        with client, joblib.parallel_config(backend="dask"):
             yield
 
 
@@ -318,6 +388,7 @@ def run_jobs(jobs: Sequence[Job], store: str | Path, n_jobs: int = 1, backend: s
     """
     import joblib
 
+    check_backend(backend, address)
     store = Path(store)
     keep = {j.key for j in save_models}
     records = {j.key: r for j in jobs if (r := load_record(store, j)) is not None}

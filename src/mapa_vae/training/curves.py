@@ -27,7 +27,7 @@ from typing import Any
 from ..errors import MapaError
 from ..storage import atomic_write
 
-__all__ = ["SERIES", "TensorBoardLog", "per_copy", "write_curves"]
+__all__ = ["SERIES", "TensorBoardLog", "check_tensorboard", "per_copy", "write_curves"]
 
 SERIES = {"train_bound": "training bound (nats per point)",
           "val_log_lik": "validation score (nats per point)"}
@@ -97,6 +97,24 @@ def write_curves(history: list[dict[str, Any]], path: Path) -> None:
         f.write(buffer.getvalue())
 
 
+def check_tensorboard(log_dir: str | Path) -> Path:
+    """Refuse, before any work, a TensorBoard folder that cannot be used: the optional
+    ``tensorboard`` package missing, or ``log_dir`` a file or under one. Creates nothing."""
+    from importlib.util import find_spec
+
+    if find_spec("tensorboard") is None:
+        raise MapaError(f"--tensorboard {log_dir}: the tensorboard package is not installed; install "
+                        "the extra: pip install 'mapa-vae[tensorboard]'")
+    log_dir = Path(log_dir)
+    for p in (log_dir, *log_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is an existing file" if p == log_dir else f"lies under the file {p}"
+                raise MapaError(f"--tensorboard {log_dir}: {what}; give a directory")
+            break
+    return log_dir
+
+
 class TensorBoardLog:
     """The same curves as :func:`write_curves`, logged epoch by epoch to a TensorBoard folder.
 
@@ -107,16 +125,14 @@ class TensorBoardLog:
     """
 
     def __init__(self, log_dir: str | Path) -> None:
+        log_dir = check_tensorboard(log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
+        except ImportError:  # found but broken (e.g. a protobuf it cannot use)
             raise MapaError(
                 f"--tensorboard {log_dir}: the tensorboard package is not installed; install the "
                 "extra: pip install 'mapa-vae[tensorboard]'"
             ) from None
-        log_dir = Path(log_dir)
-        if log_dir.exists() and not log_dir.is_dir():
-            raise MapaError(f"--tensorboard {log_dir}: is an existing file; give a directory")
         try:
             log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
