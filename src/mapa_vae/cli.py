@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .config import DEVICES, TrainConfig, field_type, flag_name
-from .data.dataset import Dataset, make_ground_truth_data
+from .data.dataset import Dataset
+from .data.export import SPLITS, check_npy_outputs, data_points
 from .data.files import load_array
 from .data.groundtruth import (
     GROUND_TRUTHS,
@@ -33,13 +34,16 @@ from .data.groundtruth import (
 )
 from .data.images import IMAGE_DATASETS
 from .data.loading import load_dataset
+from .data.memory import check_memory, points_bytes
 from .data.mnist import load_binarized_mnist
 from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
 from .experiments.reproduce import reproduce
 from .experiments.sweep import BACKENDS, PROFILES
 from .registry import METHODS, choices
+from .seeds import check_seed, torch_seed
 from .storage import atomic_write, strict_json
+from .training.curves import check_tensorboard
 from .training.distributed import resolve_device
 from .training.loop import train
 from .training.runs import load_run
@@ -100,19 +104,23 @@ def _check_out_dir(path: str, flag: str = "--out") -> None:
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    if not path.endswith(".npy"):
+    if not path.lower().endswith(".npy"):
         raise MapaError(f"{path}: output file must end in .npy")
     with atomic_write(path) as f:
         np.save(f, array, allow_pickle=False)
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    ds = make_ground_truth_data(args.name, n_train=args.n, n_val=0, n_test=0, seed=args.seed)
-    _save_npy(args.out, ds.train.numpy())
+    check_seed(args.seed)
+    check_npy_outputs(("--out", args.out), ("--codes", args.codes))
+    x, z, what = data_points(args.name, args.split, args.n, args.seed)
+    if args.codes and z is None:
+        raise MapaError(f"--codes {args.codes}: {args.name} has no codes to write")
+    _save_npy(args.out, x.numpy())
     if args.codes:
-        assert ds.z_train is not None
-        _save_npy(args.codes, ds.z_train.numpy())
-    print(f"wrote {args.n} points of {args.name} to {args.out}")
+        assert z is not None
+        _save_npy(args.codes, z.numpy())
+    print(f"wrote {what} to {args.out}" + (f", codes to {args.codes}" if args.codes else ""))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
@@ -163,20 +171,40 @@ def cmd_train(args: argparse.Namespace) -> None:
     if note:
         print(note, file=sys.stderr)
     _check_out_dir(args.out)
+    _check_run_flags(args, cfg)
     result = train(cfg, args.out, progress=not args.quiet, resume=args.resume,
                    overwrite=args.overwrite)
     print(json.dumps(strict_json(result.metrics), indent=2))
 
 
+def _check_run_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
+    """``--resume`` with ``--overwrite``, and a TensorBoard folder that cannot be used, refused
+    before any work."""
+    if args.resume and args.overwrite:
+        raise MapaError("--resume and --overwrite contradict each other: --resume continues the "
+                        "run in --out, --overwrite replaces it; give one")
+    if cfg.tensorboard is not None:
+        check_tensorboard(cfg.tensorboard)
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
-    model = load_run(args.run).model.to(resolve_device(args.device))
-    torch.manual_seed(args.seed)
+    check_seed(args.seed)
+    check_npy_outputs(("--out", args.out))
+    run = load_run(args.run)
+    cfg = run.config
+    width = cfg.latent_dim + 2 * run.data_dim + 2 * max(cfg.hidden)
+    width += run.data_dim * max(cfg.channels) // 2 if cfg.network == "conv" else 0
+    check_memory(points_bytes(args.n, width, copies=2), f"--n {args.n}")
+    model = run.model.to(resolve_device(args.device))
+    torch.manual_seed(torch_seed(args.seed))
     x = model.sample(args.n, mean=args.mean)
     _save_npy(args.out, x.cpu().numpy())
     print(f"wrote {args.n} {'decoder means' if args.mean else 'samples'} to {args.out}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    check_seed(args.seed)
+    check_npy_outputs(("--per-point", args.per_point))
     run = load_run(args.run)
     model = run.model.to(resolve_device(args.device))
     own = _run_data(run.config, run.data_dim)
@@ -186,7 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if train is not None and (seen := _training_rows(x, train)):
         print(f"mapa-vae: warning: {seen} of the {x.shape[0]} rows of {args.data} are training rows "
               "of this run: their score is not a held-out one", file=sys.stderr)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(torch_seed(args.seed))
     est = METHODS[run.config.method].evaluate(model, x, args.grid, args.samples, train=train,
                                               progress=False if args.quiet else None)
     if args.per_point:
@@ -235,8 +263,11 @@ def _evaluation_points(source: str, dim: int, cfg: TrainConfig) -> tuple[torch.T
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
     _check_out_dir(args.out)
-    compare(out=args.out, methods=args.methods, progress=not args.quiet, **_given(args))
+    _check_run_flags(args, cfg)
+    compare(cfg, args.out, args.methods, progress=not args.quiet, resume=args.resume,
+            overwrite=args.overwrite, jobs=args.jobs)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
@@ -261,16 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     images = ", ".join(IMAGE_DATASETS)
     p = _Parser(
         prog="mapa-vae", formatter_class=_Help,
-        description="Train VAEs with MAPA (model-agnostic posterior approximation), VAE or IWAE.",
+        description="Train deep latent-variable models with MAPA (model-agnostic posterior "
+        f"approximation) or a baseline: {', '.join(METHODS)}. Start with `mapa-vae compare` (the "
+        "methods side by side on a built-in curve) or `mapa-vae train --data FILE`.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
 
-    d = add("data", help="write a sample of a built-in ground-truth data set",
-                       description=f"Draw points from a ground-truth data set ({names}).")
-    d.add_argument("name", help=f"one of: {names}")
-    d.add_argument("--n", type=int_at_least(1), default=1000, help="number of points")
-    d.add_argument("--seed", type=int, default=0, help="which draw")
+    d = add("data", help="write points of a built-in data set to a .npy file",
+                       description=f"--split fresh (default): new points of a ground-truth curve "
+                       f"({names}) that no run trains, validates or tests on: score a model on "
+                       "them with `evaluate`. --split train|val|test: that split of a built-in "
+                       f"data set (also images: {images}) or a binarized-MNIST .npz, as `train "
+                       "--data NAME --data-seed SEED` uses it (at its default sizes).")
+    d.add_argument("name", help=f"a curve ({names}), an image set or a binarized-MNIST .npz")
+    d.add_argument("--split", choices=SPLITS, default="fresh",
+                   help="fresh points, or a split of what `train --data NAME` uses")
+    d.add_argument("--n", type=int_at_least(1), default=None,
+                   help="number of points (default: 1000 fresh, or the whole split)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="which draw (--split fresh) or which --data-seed (a split)")
     d.add_argument("--out", required=True, help="output .npy file")
     d.add_argument("--codes", help="also write the true latent codes to this .npy file")
     d.set_defaults(func=cmd_data)
@@ -349,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {' '.join(METHOD_ORDER)})")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--out", default="runs/compare", help="output directory")
+    c.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs in --out, continue interrupted ones")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace the results in --out (refused without it)")
+    c.add_argument("--jobs", type=jobs_count, default=-1,
+                   help="methods trained side by side, one process each (-1: as many as cores)")
     add_config_arguments(c, exclude=("method",))
     c.set_defaults(func=cmd_compare)
     for command in sub.choices.values():
@@ -394,8 +441,12 @@ def _threads_after_command(argv: Sequence[str] | None) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_threads_after_command(argv))
+    try:
+        parser = build_parser()
+        args = parser.parse_args(_threads_after_command(argv))
+    except KeyboardInterrupt:
+        print("mapa-vae: interrupted", file=sys.stderr)
+        return 130
     threads = getattr(args, "threads", _THREADS_DEFAULT)  # train/compare: the config applies it
     if threads > 0:
         torch.set_num_threads(threads)
@@ -404,9 +455,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NoUsableModel as e:  # the run is written, but nothing usable came out of it
         print(f"mapa-vae: error: {e}", file=sys.stderr)
         return NoUsableModel.exit_code
-    except MapaError as e:
+    except MapaError as e:  # an incomplete sweep has its own status (3)
         print(f"mapa-vae: error: {e}", file=sys.stderr)
-        return 2
+        return int(getattr(e, "exit_code", 2))
     except OSError as e:  # the system's side (disk full, I/O error): one line too, exit status 1
         print(f"mapa-vae: error: {_system_error(e)}", file=sys.stderr)
         return 1
