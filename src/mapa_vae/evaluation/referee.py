@@ -16,7 +16,8 @@ local part ``q_c`` chosen among candidates ``c``:
 
 - an encoder that returns a distribution ``q(z | x)`` (VAE, IWAE): ``q_c = ½ q + ½ q⁽ᶜ⁾``, with
   ``q⁽ᶜ⁾`` the same Gaussian with its scales multiplied by ``c ∈ {1.5, 2, 3}``, and ``q_1 = q``
-  (the old referee's proposal, always a candidate, so these scores do not drop);
+  (the old referee's proposal, always a candidate, so these scores do not drop; the only one
+  when ``q`` is not a mean-field Gaussian);
 - a deterministic encoder ``g`` (MAPA): ``q_c = β N(g(x), diag w²) + (1 - β) Σ_j π_j N(z_j, diag
   w²)`` over the ``m`` training atoms ``z_j = g(x_j)`` that explain ``x`` best, ``π_j ∝
   p(x | f(z_j))`` (the empiricalized posterior of Eq. 7, restricted to its top ``m``), with the
@@ -190,6 +191,8 @@ class Referee:
         probe = self.model.encoder(torch.zeros(1, self._data_dim(train), dtype=torch.float64,
                                                device=self.device))
         self.deterministic = not isinstance(probe, Distribution)
+        # a mean-field Gaussian q can be widened; any other distribution is used as it is
+        self.inflatable = isinstance(probe, Independent) and isinstance(probe.base_dist, Normal)
         self.codes: Tensor | None = None  # (N, L) atoms
         self.params: Tensor | None = None  # (N, D') decoder outputs of the atoms
         self.sigma: Tensor | None = None  # (L,) the codes' scale
@@ -217,7 +220,7 @@ class Referee:
         if self.fixed is not None:
             return self.fixed
         if not self.deterministic:
-            return [Candidate(c) for c in INFLATIONS]
+            return [Candidate(c) for c in (INFLATIONS if self.inflatable else (1.0,))]
         betas = (1.0, 0.5) if self.codes is not None else (1.0,)
         return [Candidate(c, b) for c in WIDTHS for b in betas]
 
