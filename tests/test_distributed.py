@@ -53,7 +53,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     # both logged the same (summed over processes) training bound, and it rose: real training
-    bounds = [[h["train_bound"] for h in json.loads((tmp_path / d / "history.json").read_text())]
+    bounds = [[h["train_bound_per_copy"] for h in json.loads((tmp_path / d / "history.json").read_text())]
               for d in ("one", "two")]
     one_copy, two_copies = (torch.tensor(b, dtype=torch.float64) for b in bounds)  # (epochs, R)
     assert one_copy.shape == two_copies.shape == (3, 3)
