@@ -166,3 +166,22 @@ def test_one_training_loop():
     assert not (TRAINING / "restarts.py").exists()
     lines = sum(len((TRAINING / f).read_text().splitlines()) for f in ("loop.py", "engines.py"))
     assert lines < 952
+
+
+def test_tensorboard_logs_every_epoch_of_every_copy(tmp_path):
+    """With ``tensorboard`` set, each epoch's record (every copy's bound and score) is logged
+    as it is made: the logged values are the history's."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(small(tmp_path, method="vae", restarts=2, epochs=4, dtype="float32",
+                         tensorboard=str(tmp_path / "tb")), tmp_path / "run", progress=False)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    for r in range(2):
+        logged = [(e.step, e.value) for e in acc.Scalars(f"val_log_lik/copy_{r}")]
+        expected = [(h["epoch"], h["val_log_lik_per_copy"][r]) for h in result.history
+                    if "val_log_lik_per_copy" in h]
+        assert [s for s, _ in logged] == [2, 4]
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
+        assert len(acc.Scalars(f"train_bound/copy_{r}")) == 4
