@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .seeds import one_off_seed
+
 __all__ = ["BernoulliKernel", "GaussianKernel", "Kernel", "SearchForm", "calibrate_rho"]
 
 
@@ -122,7 +124,7 @@ def calibrate_rho(x: Tensor, perplexity: float, rows: int = 500, seed: int = 0) 
     n = x.shape[0]
     if not 1.0 < perplexity < n:
         raise ValueError(f"the kernel's perplexity must lie in (1, N = {n}), got {perplexity:g}")
-    pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows]
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(one_off_seed(seed)))[:rows]
     xf, q = x.double(), x[pick].double()
     h = q @ (1 - xf).T + (1 - q) @ xf.T  # (rows, N) Hamming distances
 
