@@ -37,7 +37,7 @@ The per-point standard error is the delta method's: ``Var[log p̂] ≈ Var[w] / 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,24 +133,44 @@ class Proposal:
     ``local`` has batch shape ``(B,)`` and event ``(L,)``; ``prior`` is ``p(z)``, event ``(L,)``.
     """
 
-    def __init__(self, local: Distribution, prior: Distribution, defensive: float) -> None:
+    def __init__(self, local: Distribution, prior: Distribution, defensive: float,
+                 prior_draws: Callable[[int], Tensor] | None = None) -> None:
         if not 0.0 < defensive < 1.0:
             raise ValueError(f"defensive weight must lie in (0, 1), got {defensive}")
         self.local, self.prior, self.defensive = local, prior, defensive
+        self.prior_draws = prior_draws or (lambda n: self.prior.sample((n,)))
 
     def sample(self, n: int) -> Tensor:
-        """``n`` draws per point, ``(n, B, L)``: the prior's share drawn from the prior only."""
+        """``n`` draws per point, ``(n, B, L)``: the prior's share drawn from the prior only
+        (through ``prior_draws``, ``n ↦ (n, L)`` fresh draws of ``p``)."""
         z = self.local.sample((n,))  # (n, B, L)
         pick = torch.rand(z.shape[:-1], device=z.device) < self.defensive  # (n, B)
         count = int(pick.sum())
         if count:
-            z[pick] = self.prior.sample((count,)).to(z)
+            z[pick] = self.prior_draws(count).to(z)
         return z
 
     def log_prob(self, z: Tensor, log_p_z: Tensor) -> Tensor:
         """``log r(z | x)`` ``(n, B)`` of ``z`` ``(n, B, L)``, given ``log p(z)`` ``(n, B)``."""
         return torch.logaddexp(math.log1p(-self.defensive) + self.local.log_prob(z),
                                math.log(self.defensive) + log_p_z)
+
+
+
+class _PriorPool:
+    """Fresh draws of the prior, sampled ``size`` at a time: a flow's inverse costs the same per
+    call for few draws as for many, and every draw is handed out once."""
+
+    def __init__(self, prior: Distribution, size: int = 2**14) -> None:
+        self.prior, self.size = prior, size
+        self.pool: Tensor | None = None
+
+    def __call__(self, n: int) -> Tensor:
+        if self.pool is None or self.pool.shape[0] < n:
+            fresh = self.prior.sample((max(n, self.size),))
+            self.pool = fresh if self.pool is None else torch.cat([self.pool, fresh])
+        out, self.pool = self.pool[:n], self.pool[n:]
+        return out
 
 
 
@@ -188,6 +208,7 @@ class Referee:
         self.pilot_samples, self.pilot_points, self.chunk = pilot_samples, pilot_points, chunk
         self.fixed = None if candidates is None else list(candidates)
         self.target_stderr, self.min_samples = target_stderr, min_samples
+        self._pool = _PriorPool(self.model.prior())
         probe = self.model.encoder(torch.zeros(1, self._data_dim(train), dtype=torch.float64,
                                                device=self.device))
         self.deterministic = not isinstance(probe, Distribution)
@@ -275,7 +296,7 @@ class Referee:
                      n: int) -> Tensor:
         """``log w`` ``(n, B)`` of ``n`` fresh draws per point of ``x`` ``(B, D)``."""
         prior = self.model.prior()
-        r = Proposal(self._local(x, cand, atoms), prior, self.defensive)
+        r = Proposal(self._local(x, cand, atoms), prior, self.defensive, self._pool)
         z = r.sample(n)  # (n, B, L)
         log_p_z = prior.log_prob(z)  # (n, B)
         return self.model.decoder(z).log_prob(x) + log_p_z - r.log_prob(z, log_p_z)
