@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import io
 import json
 import re
@@ -41,6 +42,7 @@ class Env:
     run5: Path  # VAE on the circle, latent 5
     cache: Path  # the posterior cache the MAPA run wrote
     tmp: Path = field(default_factory=Path)  # this case's own folder
+    before: dict[Path, int] = field(default_factory=dict)  # files' mtimes before a second command
 
     def train(self, *extra: str, cache: Path | None = None, out: str = "out") -> list[str]:
         """The tiny MAPA run on the circle, into this case's folder."""
@@ -270,6 +272,152 @@ CASES: dict[str, Case] = {
     "compare-out-is-a-file": Case(lambda e: ["compare", "--data", "circle", *TINY,
                                              "--out", str(_write(e.tmp / "taken", ""))], ("--out", "taken")),
 }
+
+
+# --- every edge a user reaches, round three: seeds, sizes, outputs, strict CSV, compare's folder,
+# reproduce's checks before its pilot runs (each case failed before: a traceback, a silent exit 0
+# or a replaced result)
+HUGE_SEED = "1180591620717411303424"  # 2**70
+
+
+def _absent(*names: str) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        for name in names:
+            assert not (env.tmp / name).exists(), name
+    return check
+
+
+def _wrote(name: str, rows: int) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        assert np.load(env.tmp / name).shape[0] == rows
+    return check
+
+
+def _compared_once(env: Env, *methods: str) -> None:
+    """A finished comparison in the case folder's ``cmp``."""
+    code, _, err = _call(_compare_argv(env, *methods))
+    assert code == 0, err
+
+
+def _compare_argv(env: Env, *methods: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["compare", "--data", "circle", *TINY, "--methods", *(methods or ("vae",)),
+            "--cache-dir", str(env.tmp / "cache"), "--out", str(env.tmp / "cmp"), *extra]
+
+
+def _second_compare(*extra: str, first: tuple[str, ...] = ("vae",),
+                    then: tuple[str, ...] = ("vae",)) -> Callable[[Env], list[str]]:
+    def argv(env: Env) -> list[str]:
+        _compared_once(env, *first)
+        env.before = {p: p.stat().st_mtime_ns for p in (env.tmp / "cmp").rglob("*") if p.is_file()}
+        return _compare_argv(env, *then, extra=extra)
+    return argv
+
+
+def _nothing_replaced(env: Env) -> None:
+    after = {p: p.stat().st_mtime_ns for p in (env.tmp / "cmp").rglob("*") if p.is_file()}
+    assert after == env.before
+
+
+def _runs_reused(env: Env) -> None:
+    after = {p: p.stat().st_mtime_ns for p in (env.tmp / "cmp").rglob("*") if p.is_file()}
+    runs = [p for p in env.before if p.parent.name == "vae"]
+    assert runs and all(after[p] == env.before[p] for p in runs)  # the run itself was not trained again
+
+
+def _trained_on(rows: int) -> Callable[[Env], None]:
+    def check(env: Env) -> None:
+        assert json.loads((env.tmp / "out" / "metrics.json").read_text())["n_train"] == rows
+    return check
+
+
+ROUND_THREE: dict[str, Case] = {
+    "train-seed-negative": Case(lambda e: e.train("--seed", "-1"), ("--seed",), check=_nothing_written),
+    "train-data-seed-negative": Case(lambda e: e.train("--data-seed", "-1"), ("--data-seed",),
+                                     check=_nothing_written),
+    "train-data-seed-huge": Case(lambda e: e.train("--data-seed", HUGE_SEED, "--method", "vae"), (),
+                                 code=0),
+    "data-seed-negative": Case(lambda e: ["data", "circle", "--seed", "-1", "--out", str(e.tmp / "x.npy")],
+                               ("--seed",), check=_absent("x.npy")),
+    "data-seed-huge": Case(lambda e: ["data", "circle", "--n", "7", "--seed", HUGE_SEED,
+                                      "--out", str(e.tmp / "x.npy")], (), code=0, check=_wrote("x.npy", 7)),
+    "sample-seed-negative": Case(lambda e: ["sample", str(e.run), "--seed", "-1", "--out",
+                                            str(e.tmp / "x.npy")], ("--seed",), check=_absent("x.npy")),
+    "sample-seed-huge": Case(lambda e: ["sample", str(e.run), "--n", "5", "--seed", HUGE_SEED, "--out",
+                                        str(e.tmp / "x.npy")], (), code=0, check=_wrote("x.npy", 5)),
+    "evaluate-seed-negative": Case(lambda e: ["evaluate", str(e.run5), "--data", str(e.points),
+                                              "--seed", "-1"], ("--seed",)),
+    "compare-seed-negative": Case(lambda e: _compare_argv(e, extra=("--seed", "-1")), ("--seed",),
+                                  check=_absent("cmp")),
+    # --- sizes that cannot fit: refused before allocating
+    "data-n-huge": Case(lambda e: ["data", "circle", "--n", "1000000000000", "--out", str(e.tmp / "x.npy")],
+                        ("--n", "memory"), check=_absent("x.npy")),
+    "sample-n-huge": Case(lambda e: ["sample", str(e.run), "--n", "10000000000000", "--out",
+                                     str(e.tmp / "x.npy")], ("--n", "memory"), check=_absent("x.npy")),
+    "train-n-train-huge": Case(lambda e: e.train("--n-train", "1000000000000"), ("--n-train", "memory"),
+                               check=_nothing_written),
+    # --- outputs checked before any work, and never two flags onto one file
+    "data-out-and-codes-one-file": Case(
+        lambda e: ["data", "circle", "--n", "10", "--out", str(e.tmp / "same.npy"),
+                   "--codes", str(e.tmp / "same.npy")], ("--codes", "same.npy"), check=_absent("same.npy")),
+    "data-codes-bad-path": Case(lambda e: ["data", "circle", "--n", "10", "--out", str(e.tmp / "c.npy"),
+                                           "--codes", str(e.tmp / "bad" / "path")], ("--codes", "path"),
+                                check=_absent("c.npy")),
+    "data-fresh-of-an-image-set": Case(lambda e: ["data", "digits-binary", "--out", str(e.tmp / "x.npy")],
+                                       ("--split",), check=_absent("x.npy")),
+    "data-test-split-of-an-image-set": Case(
+        lambda e: ["data", "digits-binary", "--split", "test", "--out", str(e.tmp / "test.npy")], (), code=0,
+        check=_wrote("test.npy", 300)),
+    "train-tensorboard-is-a-file": Case(lambda e: e.train("--tensorboard", str(_write(e.tmp / "tb", ""))),
+                                        ("--tensorboard",), check=_nothing_written),
+    "train-resume-and-overwrite": Case(lambda e: e.train("--resume", "--overwrite"),
+                                       ("--resume", "--overwrite"), check=_nothing_written),
+    # --- values stored and ignored, or accepted and useless
+    "train-data-empty": Case(lambda e: e.train("--data", ""), ("--data",), check=_nothing_written),
+    "train-noise-var-below-precision": Case(lambda e: e.train("--noise-var", "1e-30"), ("--noise-var",),
+                                            check=_nothing_written),
+    "train-image-shape-with-mlp": Case(lambda e: e.train("--image-shape", "1", "1", "2"), ("--image-shape",),
+                                       check=_nothing_written),
+    "train-n-train-beyond-a-file": Case(
+        lambda e: e.train("--data", str(e.points), "--noise-var", "0.01", "--n-train", "5000"),
+        ("--n-train", "5000", "240"), check=_nothing_written),
+    "train-n-train-subset-of-a-file": Case(
+        lambda e: e.train("--data", str(e.points), "--noise-var", "0.01", "--method", "vae"), (), code=0,
+        check=_trained_on(60)),
+    # --- strict CSV numbers
+    "csv-underscore": Case(lambda e: ["evaluate", str(e.run), "--data",
+                                      str(_write(e.tmp / "u.csv", "12_0,3\n4,5\n"))], ("u.csv", "12_0", "_")),
+    "csv-full-width-digit": Case(lambda e: ["evaluate", str(e.run), "--data",
+                                            str(_write(e.tmp / "w.csv", "１,3\n4,5\n"))], ("w.csv", "ASCII")),
+    "csv-hex": Case(lambda e: ["evaluate", str(e.run), "--data",
+                               str(_write(e.tmp / "h.csv", "0x10,5\n4,5\n"))],
+                    ("h.csv", "0x10", "hexadecimal")),
+    # --- compare follows train's rule: nothing replaced without --overwrite
+    "compare-refuses-a-folder-with-results": Case(_second_compare(), ("--out", "--overwrite", "--resume"),
+                                                  check=_nothing_replaced),
+    "compare-fewer-methods-refused": Case(_second_compare(first=("vae", "iwae")), ("--out", "--overwrite"),
+                                          check=_nothing_replaced),
+    "compare-resume-reuses-finished-runs": Case(_second_compare("--resume"), (), code=0, check=_runs_reused),
+    "compare-resume-cannot-drop-methods": Case(_second_compare("--resume", first=("vae", "iwae")),
+                                               ("--resume", "iwae"), check=_nothing_replaced),
+    "compare-resume-and-overwrite": Case(lambda e: _compare_argv(e, extra=("--resume", "--overwrite")),
+                                         ("--resume", "--overwrite"), check=_absent("cmp")),
+    # --- reproduce: what the user gave is checked before the pilot runs
+    "reproduce-address-with-loky": Case(lambda e: ["reproduce", "--address", "localhost:8786",
+                                                   "--out", str(e.tmp / "r")], ("--address",),
+                                        check=_absent("r")),
+    "reproduce-dask-nothing-there": Case(lambda e: ["reproduce", "--backend", "dask", "--address",
+                                                    "tcp://127.0.0.1:1", "--out", str(e.tmp / "r")],
+                                         ("--address", "tcp://127.0.0.1:1")),
+    "reproduce-out-is-a-file": Case(lambda e: ["reproduce", "--out", str(_write(e.tmp / "taken", ""))],
+                                    ("--out", "taken")),
+    "reproduce-cache-dir-unwritable": Case(lambda e: ["reproduce", "--cache-dir", "/proc/mapa-vae-cache",
+                                                      "--out", str(e.tmp / "r")], ("--cache-dir",),
+                                           check=_absent("r")),
+    **({} if importlib.util.find_spec("ray") else {
+        "reproduce-ray-not-installed": Case(lambda e: ["reproduce", "--backend", "ray", "--out",
+                                                       str(e.tmp / "r")], ("--backend ray", "pip"))}),
+}
+CASES.update(ROUND_THREE)
 
 PATCHES: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "disk-full": _no_space,

@@ -15,15 +15,14 @@ the package's imports, SIGINT is handled as Python's default handler does (raise
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
-from pathlib import Path
 from types import TracebackType
 
 __all__ = ["imported", "install"]
 
-_PACKAGE = str(Path(__file__).resolve().parent)
+# Only small modules until the hook is in place (not typing: it imports re and enum): a Ctrl-C
+# may come while this very module imports.
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
 _interrupted = False  # Ctrl-C came while the package was importing
 
 
@@ -37,7 +36,7 @@ def _while_importing(tb: TracebackType | None) -> bool:
     """Whether the traceback passes through the top level of one of this package's modules."""
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code.co_name == "<module>" and str(Path(code.co_filename).resolve()).startswith(_PACKAGE):
+        if code.co_name == "<module>" and os.path.realpath(code.co_filename).startswith(_PACKAGE):
             return True
         tb = tb.tb_next
     return False
@@ -57,14 +56,20 @@ def install() -> None:
 
     hook._mapa_vae = True  # type: ignore[attr-defined]
     sys.excepthook = hook
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _note_interrupt)
+    import signal
+
+    try:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _note_interrupt)
+    except ValueError:  # not the main thread: the interrupt is not ours to handle
+        pass
 
 
 def imported() -> None:
     """The package's imports are done: give SIGINT back to Python's default handler, and raise
     the :class:`KeyboardInterrupt` that an import swallowed (a bare ``except:`` in a dependency)."""
+    import signal
+
     if signal.getsignal(signal.SIGINT) is _note_interrupt:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if _interrupted:

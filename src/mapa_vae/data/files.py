@@ -75,7 +75,7 @@ def _read_csv(path: Path) -> np.ndarray:
     if not rows:
         raise MapaError(f"{path}: file has no data rows")
     start = 0
-    if not _is_numeric_row(rows[0]):
+    if _is_header(rows[0]):
         start = 1  # a header
         if len(rows) == 1:
             raise MapaError(f"{path}: only a header row, no data")
@@ -145,7 +145,7 @@ def _delimiter(text: str, lines: int = 20) -> str:
             rows = list(csv.reader(head, delimiter=d))
         except csv.Error:  # e.g. a field over the size limit: the parser names the row
             return ","
-        if rows and not _is_numeric_row(rows[0]):
+        if rows and _is_header(rows[0]):
             rows = rows[1:]  # a header
         if rows and len({len(r) for r in rows}) == 1 and len(rows[0]) > 1 and all(map(_is_numeric_row, rows)):
             return d
@@ -159,6 +159,12 @@ def _hint(line: str) -> str:
     if sum(d in line for d in DELIMITERS) > 1:
         return "; separate values by one of , ; or tab, the same on every row"
     return ""
+
+
+def _is_header(row: list[str]) -> bool:
+    """A first row of names: no cell a number, and none starting like one (``0x10`` or ``1st``
+    are a data row that does not parse, which the parser then names)."""
+    return not _is_numeric_row(row) and not any(re.match(r"\s*[+-]?\.?[0-9]", c) for c in row)
 
 
 def _is_numeric_row(row: list[str]) -> bool:

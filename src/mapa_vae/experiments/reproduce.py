@@ -156,8 +156,8 @@ def reproduce(profile: str | Profile = "quick", out: str | Path = "runs/reproduc
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     out = Path(out)
     check_backend(backend, address)  # everything the user gave, checked before the pilot runs
-    check_writable_dir(out, "--out")
     check_writable_dir(cache_dir or TrainConfig().cache_path, "--cache-dir")
+    check_writable_dir(out, "--out")
     fig_dir = out / "figures"
     jobs = make_jobs(prof)
     top_s = max(prof.samples)

@@ -15,6 +15,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import socket
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Sequence
@@ -329,6 +331,22 @@ def check_backend(backend: str, address: str | None) -> None:
     if module is not None and importlib.util.find_spec(module) is None:
         raise MapaError(f"--backend {backend} needs {backend.capitalize()}, which is not installed: "
                         f"pip install 'mapa-vae[{extra}]'")
+    if address is not None:
+        _probe(backend, address)
+
+
+def _probe(backend: str, address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` address (``tcp://``, ``ray://`` … allowed) where nothing answers:
+    the cluster's own client would only say so after its timeout, and after the pilot runs."""
+    m = re.fullmatch(r"(?:[a-z]+://)?\[?([^\[\]/]+?)\]?:(\d+)/?", address.strip())
+    if m is None:
+        return  # "auto" and the like: the cluster's client resolves them
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise MapaError(f"--address {address}: no {backend.capitalize()} scheduler answers there "
+                        f"({why})") from None
 
 
 def _unreachable(backend: str, address: str | None, e: BaseException) -> MapaError:
