@@ -193,4 +193,6 @@ def _code_prior_config(cfg: TrainConfig) -> dict[str, Any]:
     """The chosen code prior's constructor arguments."""
     if cfg.code_prior == "mixture":
         return {"components": cfg.prior_components}
+    if cfg.code_prior == "kde":
+        return {"bandwidth": cfg.kde_bandwidth}
     return {"transforms": cfg.flow_transforms, "hidden": cfg.flow_hidden}
