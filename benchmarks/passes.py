@@ -66,7 +66,8 @@ def config(arch: Architecture, threads: int, **knobs: Any) -> TrainConfig:
     """Every knob a row measures, stated."""
     return bench_config(batch_size=BATCH, lr=LR, seed=0, restarts=1, hidden=arch.hidden,
                         activation=arch.activation, latent_dim=arch.latent_dim, threads=threads,
-                        dtype="float32", **knobs)
+                        dtype="float32", posterior="kernel", posterior_engine="auto", top_k=None,
+                        **knobs)
 
 
 def run_steps(cfg: TrainConfig, x: torch.Tensor, lik: Likelihood, arch: Architecture,
@@ -162,9 +163,9 @@ def main() -> None:
             print(f"MAPA(S=200, {variant}): decoder passes {m['decoder_passes']:.2f} {fewer} "
                   f"IWAE(S=25) {iwae25['decoder_passes']:.2f}; "
                   f"bound - per-point random = {gap:+.3f} nats")
-    knobs = {**knobs_of(base), "data": args.data, "n_train": n, "steps": args.steps,
-             "warmup_steps": args.warmup_steps, "draws": args.draws, "k_fraction": 0.1,
-             "samples": None, "method": None}
+    knobs = {**knobs_of(base, "posterior", "posterior_engine", "top_k"), "data": args.data,
+             "n_train": n, "steps": args.steps, "warmup_steps": args.warmup_steps,
+             "draws": args.draws, "k_fraction": 0.1, "samples": None, "method": None}
     write_records(args.json, "passes", info, knobs, records)
 
 
