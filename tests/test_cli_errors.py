@@ -353,6 +353,10 @@ ROUND_THREE: dict[str, Case] = {
                         ("--n", "memory"), check=_absent("x.npy")),
     "sample-n-huge": Case(lambda e: ["sample", str(e.run), "--n", "10000000000000", "--out",
                                      str(e.tmp / "x.npy")], ("--n", "memory"), check=_absent("x.npy")),
+    "train-samples-huge": Case(lambda e: e.train("--method", "iwae", "--samples", "1000000000"),
+                               ("--samples", "memory"), check=_nothing_written),
+    "compare-samples-huge": Case(lambda e: _compare_argv(e, extra=("--samples", "1000000000")),
+                                 ("--samples", "memory"), check=_absent("cmp")),
     "train-n-train-huge": Case(lambda e: e.train("--n-train", "1000000000000"), ("--n-train", "memory"),
                                check=_nothing_written),
     # --- outputs checked before any work, and never two flags onto one file

@@ -136,3 +136,18 @@ def test_unknown_or_missing_backend_is_a_clear_error(tmp_path):
     jobs = make_jobs(Profile("d", ("circle",), (10,), 1, 1, ("vae",), TINY.train))
     with pytest.raises(MapaError, match="unknown backend"):
         run_jobs(jobs, tmp_path, backend="spark", progress=False)
+
+
+@pytest.mark.slow
+def test_a_sweep_with_failed_jobs_says_so_and_is_not_a_success(tmp_path):
+    """The report is written, but reproduce raises (the CLI exits 3) saying how many failed and why."""
+    from mapa_vae.experiments.sweep import IncompleteSweep
+
+    prof = Profile("tiny", ("circle",), (10, 200), restarts=1, draws=1, variants=("vae", "mapa-k10"),
+                   train=TINY.train)
+    with pytest.raises(IncompleteSweep, match=r"1 of 3 jobs failed \(first: circle draw 0 mapa-k10 "
+                       r"S=200.*k \+ S") as e:
+        reproduce(prof, tmp_path / "rep", cache_dir=str(tmp_path / "cache"), progress=False)
+    assert e.value.report == tmp_path / "rep" / "report.md" and e.value.report.exists()
+    assert "Failed jobs" in e.value.report.read_text()
+    assert e.value.exit_code == 3

@@ -33,8 +33,8 @@ from .data.groundtruth import (
     surrogate_mse,
 )
 from .data.images import IMAGE_DATASETS
-from .data.loading import load_dataset
-from .data.memory import check_memory, points_bytes
+from .data.loading import data_shape, load_dataset
+from .data.memory import check_memory, check_train_memory, points_bytes
 from .data.mnist import load_binarized_mnist
 from .errors import MapaError, NoUsableModel
 from .experiments.compare import METHOD_ORDER, compare
@@ -178,13 +178,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _check_run_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    """``--resume`` with ``--overwrite``, and a TensorBoard folder that cannot be used, refused
-    before any work."""
+    """``--resume`` with ``--overwrite``, a TensorBoard folder that cannot be used and sizes
+    that cannot fit, refused before any work."""
     if args.resume and args.overwrite:
         raise MapaError("--resume and --overwrite contradict each other: --resume continues the "
                         "run in --out, --overwrite replaces it; give one")
     if cfg.tensorboard is not None:
         check_tensorboard(cfg.tensorboard)
+    shape = data_shape(cfg.data, cfg.n_train)
+    if shape is not None:
+        check_train_memory(cfg, *shape)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

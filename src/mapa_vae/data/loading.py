@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import MapaError
@@ -19,7 +20,7 @@ from .files import load_array
 from .groundtruth import GROUND_TRUTHS
 from .memory import check_memory, points_bytes
 
-__all__ = ["DEFAULT_SIZES", "load_dataset"]
+__all__ = ["DEFAULT_SIZES", "data_shape", "load_dataset"]
 
 DEFAULT_SIZES = {"n_train": 1000, "n_val": 500, "n_test": 2000}
 """The sizes a drawn data set (a curve, generated images) has where none is given."""
@@ -100,3 +101,25 @@ def _subset(ds: Dataset, sizes: dict[str, int | None], seed: int, where: str) ->
     return Dataset(ds.name, ds.train[parts["train"]], ds.val[parts["val"]], ds.test[parts["test"]],
                    ds.truth, pick(ds.z_train, "train"), pick(ds.z_val, "val"),
                    pick(ds.z_test, "test"))
+
+
+def data_shape(source: str, n_train: int | None = None) -> tuple[int, int] | None:
+    """``(training rows, values per row)`` of a data set, cheaply (a ``.npy`` file's header, a
+    built-in set's definition), for checks before loading; ``None`` where only loading tells."""
+    if source in GROUND_TRUTHS:
+        return (DEFAULT_SIZES["n_train"] if n_train is None else n_train), 2
+    from .images import IMAGE_DATASETS, image_shape
+
+    if source in IMAGE_DATASETS:
+        c, h, w = image_shape(source)
+        return (DEFAULT_SIZES["n_train"] if n_train is None else n_train), c * h * w
+    path = Path(source)
+    if path.suffix.lower() == ".npy" and path.is_file():
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (OSError, ValueError):
+            return None  # loading names what is wrong with it
+        if len(shape) == 2:
+            rows = shape[0] - 2 * max(1, shape[0] // 10)
+            return (rows if n_train is None else min(n_train, rows)), shape[1]
+    return None

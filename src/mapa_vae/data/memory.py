@@ -16,10 +16,14 @@ flag, instead of an allocator error (or the out-of-memory killer) minutes later.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..errors import MapaError
 
-__all__ = ["available_memory", "check_memory", "points_bytes"]
+if TYPE_CHECKING:
+    from ..config import TrainConfig
+
+__all__ = ["available_memory", "check_memory", "check_train_memory", "points_bytes", "train_bytes"]
 
 GIB = 2**30
 
@@ -53,3 +57,27 @@ def check_memory(nbytes: int, what: str) -> None:
     if nbytes > have:
         raise MapaError(f"{what} needs about {nbytes:.2g} bytes ({nbytes / GIB:.2g} GiB), more than "
                         f"the {have / GIB:.1f} GiB of memory available")
+
+
+def train_bytes(cfg: TrainConfig, n_train: int, dim: int) -> dict[str, int]:
+    """The largest allocations of a run, by the flags that size them (a lower estimate): the
+    training points; a step's activations, ``R · B · (k + S) · width`` float32 values kept for
+    the backward pass (width: the data, the latent and every hidden layer, and for a conv
+    network the data times its widest channel count); MAPA's stored posterior table,
+    ``N · top_k`` index-weight pairs."""
+    batch = min(cfg.batch_size, n_train)
+    draws = max(1, cfg.samples) + (cfg.mapa_k if cfg.method == "mapa" else 0)
+    width = dim + cfg.latent_dim + 2 * sum(cfg.hidden)
+    width += dim * max(cfg.channels) if cfg.network == "conv" else 0
+    out = {"--n-train": points_bytes(n_train, dim),
+           "--samples/--batch-size": cfg.restarts * batch * draws * width * 4 * 3}
+    if cfg.method == "mapa":
+        top_k = cfg.top_k if cfg.top_k is not None else (n_train if n_train <= 2048 else 512)
+        out["--n-train/--top-k"] = n_train * min(top_k, n_train) * 12
+    return out
+
+
+def check_train_memory(cfg: TrainConfig, n_train: int, dim: int) -> None:
+    """Refuse a run whose allocations (:func:`train_bytes`) cannot fit, naming the flags."""
+    for flags, nbytes in train_bytes(cfg, n_train, dim).items():
+        check_memory(nbytes, f"{flags} ({cfg.method}, {n_train} training points of {dim} values)")

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
-from ..data.loading import load_dataset
+from ..data.loading import data_shape, load_dataset
+from ..data.memory import check_train_memory
 from ..errors import MapaError
 from ..methods.base import Architecture
 from ..registry import METHODS
@@ -70,6 +71,10 @@ def compare(config: TrainConfig | str | Path | None = None, out: str | Path = "r
     out = Path(out)
     configs = [dataclasses.replace(base, method=m) for m in methods]  # every config checked first
     _check_folder(out, methods, resume, overwrite)
+    size = data_shape(base.data, base.n_train)
+    for cfg in configs:
+        if size is not None:
+            check_train_memory(cfg, *size)
     data = load_dataset(base.data, base.n_train, base.n_val, base.n_test, base.data_seed)  # file, size
     todo = [cfg for cfg in configs if not (resume and _finished(out / cfg.method, cfg))]
     n_jobs = _jobs(jobs, len(todo), base.device) if all(map(_in_package, todo)) else 1
