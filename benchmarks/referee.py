@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--widths", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0],
                    help="fixed proposal widths for a deterministic encoder (none: timings only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--n-val", type=int, default=None, help="score the first N validation points (none: all)")
+    p.add_argument("--n-test", type=int, default=None, help="score the first N test points (none: all)")
     args = p.parse_args()
     info = start(args)
     records = []
@@ -136,6 +138,7 @@ def main() -> None:
                         load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed))
                 items.append((f"{cfg.method} {cfg.epochs} epochs ({run_dir})", run.model, data))
         for name, model, data in items:
+            data = Dataset(data.name, data.train, data.val[: args.n_val], data.test[: args.n_test])
             rec = score(name, model, data, samples, args.widths, args.seed)
             ref, fixed = rec["referee"], rec["fixed"]
             line = "  ".join(f"w={k}: {v['log_lik']:.2f}" for k, v in fixed.items())
@@ -145,7 +148,8 @@ def main() -> None:
                   flush=True)
             records.append(rec)
     knobs: dict[str, Any] = {"samples": samples, "widths": args.widths, "seed": args.seed,
-                             "data": args.data, "runs": args.runs}
+                             "data": args.data, "runs": args.runs, "n_val": args.n_val,
+                             "n_test": args.n_test}
     if args.tiny:
         knobs["tiny_training"] = knobs_of(bench_config(
             method="mapa", samples=10, batch_size=50, lr=1e-3, seed=0, restarts=1, hidden=(32,),
