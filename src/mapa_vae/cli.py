@@ -223,8 +223,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.per_point:
         _save_npy(args.per_point, est.values.numpy())
     print(f"mean test log-likelihood: {est.mean:.4f} nats over {x.shape[0]} points ({what})")
-    print(f"  standard error: ±{est.stderr_of_mean:.4f} over points, ±{est.mc_stderr_of_mean:.4f} "
-          "Monte Carlo")
+    over = f"±{est.stderr_of_mean:.4f} over points, " if x.shape[0] > 1 else ""
+    print(f"  standard error: {over}±{est.mc_stderr_of_mean:.4f} Monte Carlo")
     print(f"  estimator: {est.how}")
     if est.empirical is not None and train is not None:
         print(f"  exact empiricalized log-likelihood (the trained encoder and decoder over the run's "
