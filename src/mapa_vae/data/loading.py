@@ -117,8 +117,8 @@ def data_shape(source: str, n_train: int | None = None) -> tuple[int, int] | Non
     if path.suffix.lower() == ".npy" and path.is_file():
         try:
             shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-        except (OSError, ValueError):
-            return None  # loading names what is wrong with it
+        except Exception:  # empty, truncated, not a .npy: loading names what is wrong with it
+            return None
         if len(shape) == 2:
             rows = shape[0] - 2 * max(1, shape[0] // 10)
             return (rows if n_train is None else min(n_train, rows)), shape[1]
