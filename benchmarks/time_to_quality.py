@@ -33,7 +33,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -111,11 +111,13 @@ def best_width_log_likelihood(model: LatentVariableModel, test: torch.Tensor, sa
 
 def curve(label: str, cfg: TrainConfig, train: torch.Tensor, test: torch.Tensor, arch: Architecture,
           budget: float, interval: float, epoch_marks: Sequence[int], samples: int,
-          pick: int, stop_epochs: int | None = None) -> tuple[list[dict[str, Any]], float]:
+          pick: int, stop_epochs: int | None = None,
+          score: Callable[[LatentVariableModel], Score] | None = None) -> tuple[list[dict[str, Any]], float]:
     """Train ``cfg.method`` for ``budget`` seconds of its clock; score the delivered model at
     every ``interval`` seconds and after each epoch in ``epoch_marks``. Also returns the seconds
     spent building the objective (MAPA's posterior table), which are on the clock.
-    ``stop_epochs``: stop after that many epochs instead (then ``budget`` is not used)."""
+    ``stop_epochs``: stop after that many epochs instead (then ``budget`` is not used);
+    ``score``: score the model as trained by this instead (no prior fit, no referee)."""
     m, n = METHODS[cfg.method], train.shape[0]
     torch.manual_seed(cfg.seed)
     model = m.build(arch, BernoulliLikelihood(), cfg)
@@ -154,21 +156,23 @@ def curve(label: str, cfg: TrainConfig, train: torch.Tensor, test: torch.Tensor,
         while at_epoch and epochs_left and epoch >= epochs_left[0]:
             epochs_left.pop(0)
         t = now()
-        final, _ = m.finalize(copy.deepcopy(model).eval(), train, cfg)  # MAPA: the code prior
+        final = model.eval()
+        if score is None:
+            final, _ = m.finalize(copy.deepcopy(model).eval(), train, cfg)  # MAPA: the code prior
         fit = now() - t if cfg.method == "mapa" else 0.0
         t = now()
         with torch.no_grad():
-            score = referee(final, test, samples, pick, seed=cfg.seed, train=train)
+            got = score(final) if score else referee(final, test, samples, pick, cfg.seed, train)
         scoring = now() - t
         # the model delivered now includes its prior fit; training resumes from the weights
         out.append({"kind": kind, "seconds": clock + fit, "train_seconds": clock, "fit_seconds": fit,
                     "steps": steps, "epochs": steps * cfg.batch_size / n,
-                    "test_log_lik": score.log_lik, "stderr": score.stderr, "referee": score.how,
-                    "test_empirical_log_lik": score.empirical,
+                    "test_log_lik": got.log_lik, "stderr": got.stderr, "referee": got.how,
+                    "test_empirical_log_lik": got.empirical,
                     "scoring_seconds": scoring})
         print(f"  {label:>7} [{kind:>5}] {clock + fit:7.1f} s (prior fit {fit:4.1f}), epoch "
-              f"{steps * cfg.batch_size / n:5.2f}: test log-lik {score.log_lik:8.2f} ± "
-              f"{score.stderr:.2f} ({score.how}; scoring {scoring:.0f} s off the clock)", flush=True)
+              f"{steps * cfg.batch_size / n:5.2f}: test log-lik {got.log_lik:8.2f} ± "
+              f"{got.stderr:.2f} ({got.how}; scoring {scoring:.0f} s off the clock)", flush=True)
         model.train()
     return out, setup
 
@@ -333,7 +337,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args:
             "mapa": f"MAPA (S={args.mapa_samples}, k={args.mapa_k}, code prior on its clock)"}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, cs in curves.items():
-        timed = [c for c in cs if c["kind"] == "time"]
+        timed = sorted(cs, key=lambda c: c["seconds"])  # the timed and the equal-epochs checkpoints
         ax.errorbar([c["seconds"] for c in timed], [c["test_log_lik"] for c in timed],
                     yerr=[c["stderr"] for c in timed], marker="o", capsize=2, label=text[label])
     if summary:
