@@ -121,7 +121,7 @@ def main() -> None:
     args = ap.parse_args()
     info = start(args)
     if args.tiny:
-        args.curves, args.restarts, args.seeds, args.epochs, args.n_test = ["cardioid"], [1, 2], [0], 1, 200
+        args.curves, args.restarts, args.seeds, args.epochs, args.n_test = ["cardioid"], [2], [0], 1, 200
 
     exe = [sys.executable, "-m", "mapa_vae"]
     records = []
