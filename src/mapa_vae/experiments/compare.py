@@ -6,9 +6,10 @@ a table of test KL to the ground truth, wall-clock and network passes, and write
 ``comparison.json``, ``comparison.md`` and ``samples.png`` (the data beside each model's samples).
 
 The methods train side by side, one process each, on the cores the process may use (at most
-one job per method; each job gets ``cores // jobs`` torch threads): the protocol (epochs,
-restarts, every knob) is the same as one after another, only the wall-clock differs. Each method
-trains into ``out/<method>`` exactly as ``train`` would, so its run folder is a normal run.
+one job per method, those drawing ``S`` samples first, as they take longest; each job gets
+``cores // jobs`` torch threads): the protocol (epochs, restarts, every knob) is the same as one
+after another, only the wall-clock differs. Each method trains into ``out/<method>`` exactly as
+``train`` would, so its run folder is a normal run.
 
 A folder holding results is never replaced silently: like ``train``, :func:`compare` refuses it
 unless ``overwrite`` (train every method again, replace the comparison) or ``resume`` (reuse each
@@ -85,9 +86,10 @@ def compare(config: TrainConfig | str | Path | None = None, out: str | Path = "r
         if progress:
             print(f"compare: training {', '.join(c.method for c in todo)} side by side in {n_jobs} "
                   f"processes, {threads} thread(s) each", flush=True)
+        longest_first = sorted(todo, key=lambda c: not METHODS[c.method].uses_samples)  # S draws
         runs = joblib.Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(
             joblib.delayed(_train_one)(dataclasses.replace(cfg, threads=threads), out, resume,
-                                       overwrite) for cfg in todo)
+                                       overwrite) for cfg in longest_first)
         for method, test_kl in runs:
             if progress:
                 print(f"{method}: test KL {test_kl:.4f}", flush=True)
