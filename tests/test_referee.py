@@ -284,3 +284,20 @@ def test_evaluate_scores_one_row_and_a_built_in_test_split(mapa_run, tmp_path, c
     assert "over 1 points" in out and "warning" not in err, (out, err)
     out, err = _evaluate(capsys, str(run), "--data", "circle")
     assert "the test split of the built-in circle" in out, out
+
+
+def test_the_draws_follow_what_the_proposal_needs():
+    """With a per-point error target, a proposal that fits the posterior takes few draws and a
+    poor one (codes proposed 2 σ wide, the posterior is about 0.1 σ) many more."""
+    w, b = _linear(5)
+    marginal = _marginal(w, b)
+    train, x = marginal.sample((200,)), marginal.sample((40,))
+    fits = Referee(_model(w, b, StandardNormal(L), ExactPosterior(w, b)), samples=1000, target_stderr=0.2)
+    poor = Referee(_model(w, b, StandardNormal(L)), train, samples=1000, target_stderr=0.2,
+                   candidates=[Candidate(2.0)])
+    good, bad = fits(x, progress=False), poor(x, progress=False)
+    k_good = int(re.search(r"K=(\d+)", good.how).group(1))  # type: ignore[union-attr]
+    k_bad = int(re.search(r"K=(\d+)", bad.how).group(1))  # type: ignore[union-attr]
+    assert k_good < 300 and k_bad > 500, (k_good, k_bad)  # 100 and 773 measured
+    assert float(good.stderr.mean()) < 0.4
+    _check_close_and_below(good, marginal.log_prob(x), tolerance=0.05)

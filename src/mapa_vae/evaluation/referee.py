@@ -32,6 +32,11 @@ them: a lower bound in expectation whatever was chosen, and choosing the highest
 tightest. The proposal density is a mixture evaluated exactly (log-sum-exp over components).
 
 The per-point standard error is the delta method's: ``Var[log p̂] ≈ Var[w] / (K E[w]²)``.
+With a target for it (:func:`estimate_log_likelihood`, the final evaluation), ``K`` comes from
+the pilot's weight variance at the chosen proposal. A pilot of a few dozen draws underestimates
+the variance of heavy-tailed weights (a proposal far narrower than the posterior: measured
+0.6 nats realized against a 0.2 target), so the per-point errors of the final draws, which are
+reported, are the check.
 """
 
 from __future__ import annotations
