@@ -3,10 +3,12 @@
 For ``L > 1`` no exact map to ``N(0, I)`` exists (the copula of :mod:`mapa_vae.models.copula` is
 1-D); instead a density is fitted to the codes ``z_n = g(x_n)`` and becomes the model's prior,
 the networks unchanged (:func:`fit_code_prior`): a full-covariance Gaussian mixture
-(:class:`MixturePrior`, fitted by EM) or a neural spline flow on standardized codes
-(:class:`FlowPrior`, zuko, fitted by maximum likelihood with early stopping on held-out codes).
-Both are :class:`CodePrior` modules whose state is tensors only, so :func:`build_code_prior`
-rebuilds an empty one from its config for loading a checkpoint.
+(:class:`MixturePrior`, fitted by EM), a neural spline flow on standardized codes
+(:class:`FlowPrior`, zuko, fitted by maximum likelihood with early stopping on held-out codes),
+or a kernel density over the training codes, the Exemplar VAE's prior (:class:`KernelDensityPrior`,
+its bandwidth fitted on held-out codes). All are :class:`CodePrior` modules whose state is
+tensors only, so :func:`build_code_prior` rebuilds an empty one from its config for loading a
+checkpoint.
 """
 
 from __future__ import annotations
