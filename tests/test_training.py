@@ -120,7 +120,7 @@ def test_unknown_method_and_bad_values_are_rejected():
     with pytest.raises(MapaError, match="epochs"):
         TrainConfig(epochs=0)
     with pytest.raises(MapaError, match="unknown code prior"):
-        TrainConfig(method="mapa", latent_dim=2, code_prior="kde")
+        TrainConfig(method="mapa", latent_dim=2, code_prior="vampprior")
     with pytest.raises(MapaError, match="neither a built-in data set"):
         train(TrainConfig(data="spiral"), progress=False)
 
