@@ -169,10 +169,10 @@ class Proposal:
 
 
 class _PriorPool:
-    """Fresh draws of the prior, sampled ``size`` at a time: a flow's inverse costs the same per
-    call for few draws as for many, and every draw is handed out once."""
+    """Fresh draws of the prior, sampled ``size`` at a time: a flow's inverse costs nearly the
+    same per call for few draws as for many, and every draw is handed out once."""
 
-    def __init__(self, prior: Distribution, size: int = 2**14) -> None:
+    def __init__(self, prior: Distribution, size: int = 4096) -> None:
         self.prior, self.size = prior, size
         self.pool: Tensor | None = None
 
@@ -208,7 +208,7 @@ class Referee:
 
     def __init__(self, model: LatentVariableModel, train: Tensor | None = None, samples: int = 1000,
                  top: int = 5, defensive: float = 0.1, pilot_samples: int = 32,
-                 pilot_points: int = 64, chunk: int = 2**13,
+                 pilot_points: int = 32, chunk: int = 2**13,
                  candidates: Sequence[Candidate] | None = None, target_stderr: float | None = None,
                  min_samples: int = 100) -> None:
         if samples < 1 or pilot_samples < 1 or pilot_points < 1 or top < 1:
@@ -236,7 +236,7 @@ class Referee:
                     self.params = torch.cat([self.model.decoder.net(z) for z in self.codes.split(4096)])
                 # the larger of the codes' and the prior's scale: a posterior can be as wide as
                 # the prior where the decoder barely depends on z
-                sigma = self.model.prior().sample((4096,)).std(0)
+                sigma = self.model.prior().sample((1024,)).std(0)
                 if self.codes is not None and self.codes.shape[0] > 1:
                     sigma = torch.maximum(sigma, self.codes.std(0))
                 self.sigma = sigma.clamp_min(1e-6)
