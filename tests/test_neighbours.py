@@ -163,6 +163,10 @@ def test_auto_engine_is_exact_for_small_data(circle_data):
     assert resolve_engine(20_000, 784) == "exact"
     assert resolve_engine(200_000, 784) == "faiss"
     assert resolve_engine(200_000, 784, "cuda") == "exact"
+    # 0/1 data under the Bernoulli kernel: the Hamming table is cheap enough to stay exact longer
+    assert resolve_engine(50_000, 1024) == "faiss"
+    assert resolve_engine(50_000, 1024, hamming=True) == "exact"
+    assert resolve_engine(500_000, 1024, "cuda", hamming=True) == "faiss"  # it runs on the CPU
     with pytest.raises(MapaError, match="unknown posterior engine"):
         build_posterior(circle_data, kernel, engine="annoy")
     with pytest.raises(MapaError, match="takes no index settings"):

@@ -18,11 +18,10 @@ from filelock import FileLock
 from torch import Tensor
 
 from ..errors import MapaError
-from ..kernels import BernoulliKernel, Kernel
+from ..kernels import Kernel
 from ..storage import array_digest, atomic_write
-from .engines import build_posterior, cache_params
+from .engines import build_posterior, cache_params, uses_hamming
 from .exact import compute_posterior
-from .hamming import is_binary
 from .posterior import CACHE_FORMAT, MapaPosterior, resolve_top_k
 
 __all__ = ["cached_posterior"]
@@ -65,8 +64,9 @@ def cached_posterior(
     """
     n = data.shape[0]
     k_keep = resolve_top_k(n, top_k)
-    engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, **index_params)
-    hamming = not engine_key and isinstance(kernel, BernoulliKernel) and is_binary(data)
+    binary = uses_hamming(data, kernel)
+    engine_key = cache_params(n, data[0].numel(), k_keep, engine, device, binary, **index_params)
+    hamming = not engine_key and binary
     # the Hamming table breaks ties by index, the matmul table by rounding: keyed apart
     key = _cache_key(data, kernel, k_keep, dtype, {"table": "hamming"} if hamming else engine_key)
     cache_dir = Path(cache_dir).expanduser()

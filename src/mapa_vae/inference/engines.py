@@ -23,19 +23,22 @@ import torch
 from torch import Tensor
 
 from ..errors import MapaError
-from ..kernels import Kernel
+from ..kernels import BernoulliKernel, Kernel
 from ..registry import ENGINES
 from .exact import compute_posterior
+from .hamming import is_binary
 from .neighbours import IndexParams, NeighbourIndex
 from .posterior import MapaPosterior
 
 __all__ = [
     "AUTO_EXACT_FLOPS",
     "AUTO_EXACT_POINTS",
+    "HAMMING_COST",
     "build_posterior",
     "cache_params",
     "concat_rows",
     "resolve_engine",
+    "uses_hamming",
 ]
 
 
@@ -46,18 +49,33 @@ AUTO_EXACT_POINTS = 20_000  # engine="auto": exact up to this many points, whate
 # ... and above it while the 2 N² D flops of the exact table stay under (seconds at matmul speed):
 AUTO_EXACT_FLOPS = {"cpu": 4e12, "cuda": 1e16}  # ~0.5-1 min on a 2-core AVX-512 CPU; ~3 min on a GPU
 
+# The Hamming table (0/1 data, Bernoulli kernel; always on the CPU) costs about a quarter of the
+# matmul table's CPU time: 30-38 against 116 CPU-s at N = 50 000, D = 1024 (benchmarks/hamming.py,
+# docs/benchmarks/hamming-sprites50k.json). "auto" counts its flops at that rate.
+HAMMING_COST = 0.25
 
 
-def resolve_engine(n: int, d: int, device: torch.device | str = "cpu") -> str:
+
+def resolve_engine(n: int, d: int, device: torch.device | str = "cpu", hamming: bool = False) -> str:
     """``engine="auto"``: ``"exact"`` for ``N ≤ AUTO_EXACT_POINTS`` or while ``2 N² D`` flops fit
     ``AUTO_EXACT_FLOPS`` of the device type (exact on a GPU up to ~10⁶ points of 784-d),
-    ``"faiss"`` above.
+    ``"faiss"`` above. ``hamming``: the exact table would be the Hamming search (0/1 data and the
+    Bernoulli kernel), which runs on the CPU at ``HAMMING_COST`` of the matmul's time.
 
     >>> resolve_engine(20_000, 784), resolve_engine(1_000_000, 64), resolve_engine(1_000_000, 64, "cuda")
     ('exact', 'faiss', 'exact')
+    >>> resolve_engine(50_000, 1024), resolve_engine(50_000, 1024, hamming=True)
+    ('faiss', 'exact')
     """
-    budget = AUTO_EXACT_FLOPS.get(torch.device(device).type, AUTO_EXACT_FLOPS["cpu"])
-    return "exact" if n <= AUTO_EXACT_POINTS or 2.0 * n * n * d <= budget else "faiss"
+    kind = "cpu" if hamming else torch.device(device).type
+    budget = AUTO_EXACT_FLOPS.get(kind, AUTO_EXACT_FLOPS["cpu"])
+    flops = 2.0 * n * n * d * (HAMMING_COST if hamming else 1.0)
+    return "exact" if n <= AUTO_EXACT_POINTS or flops <= budget else "faiss"
+
+
+def uses_hamming(data: Tensor, kernel: Kernel) -> bool:
+    """Whether the exact table of ``data`` under ``kernel`` is the Hamming search."""
+    return isinstance(kernel, BernoulliKernel) and is_binary(data)
 
 
 
@@ -85,7 +103,8 @@ def build_posterior(
     >>> post.index[:3, 0].tolist(), post.log_q.shape
     ([0, 1, 2], torch.Size([300, 16]))
     """
-    picked = _pick(data.shape[0], data[0].numel(), engine, device, index_params)
+    hamming = engine == "auto" and uses_hamming(data, kernel)
+    picked = _pick(data.shape[0], data[0].numel(), engine, device, index_params, hamming)
     return ENGINES[picked](data, kernel, top_k, device, block_size, dtype, rows, **index_params)
 
 
@@ -111,17 +130,18 @@ def auto_engine(data: Tensor, kernel: Kernel, top_k: int | None, device: torch.d
                 block_size: int | None, dtype: torch.dtype, rows: tuple[int, int] | None,
                 **index_params: Any) -> MapaPosterior:
     """Exact or faiss by ``N``, ``D`` and the device (:func:`resolve_engine`)."""
-    picked = resolve_engine(data.shape[0], data[0].numel(), device)
+    picked = resolve_engine(data.shape[0], data[0].numel(), device, uses_hamming(data, kernel))
     return ENGINES[picked](data, kernel, top_k, device, block_size, dtype, rows, **index_params)
 
 
 
-def _pick(n: int, d: int, engine: str, device: torch.device | str, index_params: dict[str, Any]) -> str:
+def _pick(n: int, d: int, engine: str, device: torch.device | str, index_params: dict[str, Any],
+          hamming: bool = False) -> str:
     """The engine that runs; index settings are an error for an explicit ``"exact"`` only."""
     ENGINES[engine]  # an unknown name is a one-line error
     if engine == "exact" and index_params:
         raise MapaError(f"the exact engine takes no index settings, got {sorted(index_params)}")
-    return resolve_engine(n, d, device) if engine == "auto" else engine
+    return resolve_engine(n, d, device, hamming) if engine == "auto" else engine
 
 
 
@@ -135,10 +155,11 @@ def _index_params(index_params: dict[str, Any]) -> IndexParams:
 
 
 def cache_params(n: int, d: int, top_k: int, engine: str, device: torch.device | str,
-                 **index_params: Any) -> dict[str, Any]:
+                 hamming: bool = False, **index_params: Any) -> dict[str, Any]:
     """What ``engine`` adds to the posterior cache key: nothing for the exact engine (old
-    caches stay valid), else its name and every resolved :class:`IndexParams` field."""
-    if _pick(n, d, engine, device, index_params) == "exact":
+    caches stay valid), else its name and every resolved :class:`IndexParams` field.
+    ``hamming``: the exact table would be the Hamming search (see :func:`resolve_engine`)."""
+    if _pick(n, d, engine, device, index_params, hamming) == "exact":
         return {}
     return {"engine": "faiss", **asdict(_index_params(index_params).resolved(n, top_k))}
 
