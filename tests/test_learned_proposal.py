@@ -131,9 +131,12 @@ def test_gradient_estimators_are_unbiased(signal):
 
 
 def test_training_brings_q_closer_to_the_posterior():
+    """150 steps (30 epochs of 5 batches of 20) bring KL[p(i | x) ‖ q_φ] down to 0.45-0.71 of the
+    untrained proposal's over seeds 0-5 (one batch of 100 per epoch: 0.95-1.00, within the
+    seed-to-seed spread); 0.9 leaves a margin wider than that spread."""
     cfg = TrainConfig(data="circle", method="mapa", posterior="learned-vimco", epochs=30, n_train=100,
-                      n_val=50, n_test=100, samples=10, k=1, lr=1e-2, eval_every=10, val_grid=512,
-                      test_grid=1024, prior_steps=10)
+                      n_val=50, n_test=100, batch_size=20, samples=10, k=1, lr=1e-2, eval_every=10,
+                      val_grid=512, test_grid=1024, prior_steps=10, restarts=1, threads=1, seed=0)
     result = train(cfg, progress=False)
     model = copy.deepcopy(result.trained).double()
     x = result.data.train.double()
@@ -146,7 +149,7 @@ def test_training_brings_q_closer_to_the_posterior():
     start = copy.deepcopy(model)
     start.index_proposal = IndexProposalNet(2).double()  # φ at its start: the kernel's ranking
     kl_start = posterior_kl(p, obj.table(start))
-    assert kl_trained < 0.98 * kl_start, (
+    assert kl_trained < 0.9 * kl_start, (
         f"KL[p(i|x) ‖ q_φ]: {kl_start:.4f} at the start, {kl_trained:.4f} trained")
 
 

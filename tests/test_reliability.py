@@ -344,7 +344,8 @@ def test_cli_write_errors_are_one_line(tmp_path, monkeypatch, capsys):
     blocker.write_text("not a folder")
     assert main(["data", "circle", "--n", "50", "--out", str(blocker / "x.npy")]) == 2
     line = _one_line_error(capsys.readouterr().err)
-    assert str(blocker / "x.npy") in line and "cannot write" in line
+    assert "--out" in line and str(blocker / "x.npy") in line  # the flag and the path it names
+    assert f"lies under the file {blocker}" in line  # and why it cannot be written
     _arm(monkeypatch, "fdopen", lambda real, *a, **k: _DiskFull(real(*a, **k), 1000))
     assert main(["data", "circle", "--n", "2000", "--out", str(tmp_path / "x.npy")]) == 1
     assert "No space left on device" in _one_line_error(capsys.readouterr().err)

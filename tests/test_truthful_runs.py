@@ -56,18 +56,36 @@ def _strict_load(path: Path):
 
 
 def test_all_steps_skipped_is_no_usable_model_exit_3(tmp_path, capsys):
-    """noise-var 1e-300: every step is non-finite; the CLI says so with the numbers, exits 3,
-    writes strict JSON, and ``sample`` refuses the run instead of drawing from an untrained model."""
+    """Finite data at the scale 1e30: every squared error overflows float32, so every step is
+    non-finite; the CLI says so with the numbers, exits 3, writes strict JSON, and ``sample``
+    refuses the run instead of drawing from an untrained model."""
+    points = tmp_path / "huge.npy"
+    np.save(points, np.random.default_rng(0).normal(size=(200, 2)) * 1e30)
     out = tmp_path / "run"
-    assert main(_cli_train(tmp_path, out, "--method", "vae", "--epochs", "2",
-                           "--noise-var", "1e-300")) == 3
+    argv = _cli_train(tmp_path, out, "--method", "vae", "--epochs", "2", "--noise-var", "0.5")
+    argv[argv.index("--data") + 1] = str(points)
+    for flag in ("--n-train", "--n-val", "--n-test"):  # the file's own 160/20/20 split
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    assert main(argv) == 3
     err = capsys.readouterr().err
-    assert "no usable model" in err and "2 of 2 steps were skipped" in err, err
     metrics = _strict_load(out / "metrics.json")
-    assert metrics["usable"] is False and metrics["skipped_steps"] == 2 == metrics["steps"]
+    steps = metrics["steps"]
+    assert steps >= 2 and metrics["usable"] is False and metrics["skipped_steps"] == steps
+    assert "no usable model" in err and f"{steps} of {steps} steps were skipped" in err, err
     _strict_load(out / "history.json")
     assert main(["sample", str(out), "--n", "5", "--out", str(tmp_path / "x.npy")]) == 2
     assert "no usable model" in capsys.readouterr().err
+
+
+def test_a_noise_var_too_small_for_the_dtype_is_refused_in_one_line(tmp_path, capsys):
+    """--noise-var 1e-300 would make every step non-finite: refused up front, exit 2, one line."""
+    out = tmp_path / "run"
+    assert main(_cli_train(tmp_path, out, "--method", "vae", "--epochs", "2",
+                           "--noise-var", "1e-300")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mapa-vae: error: ") and err.count("\n") == 1, err
+    assert "--noise-var" in err and "1e-300" in err and "Traceback" not in err
+    assert not (out / "metrics.json").exists()
 
 
 def test_divergent_run_is_no_usable_model_but_written(tmp_path):
@@ -151,13 +169,16 @@ def test_resume_keeps_cumulative_time_and_passes_and_refuses_fewer_epochs(tmp_pa
 def test_sizes_and_samples_actually_used_are_recorded(tmp_path):
     x = torch.randn(200, 2)
     np.save(tmp_path / "points.npy", x.numpy())
-    cfg = small(tmp_path, data=str(tmp_path / "points.npy"), method="vae", noise_var=0.5)
+    # the file splits 80/10/10 (160/20/20 rows); train is cut to 100, val and test left whole
+    cfg = small(tmp_path, data=str(tmp_path / "points.npy"), method="vae", noise_var=0.5,
+                n_train=100, n_val=None, n_test=None)
     result = train(cfg, tmp_path / "run", progress=False)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     sizes = config["data_sizes"]
     assert sizes == {"n_train": result.data.train.shape[0], "n_val": result.data.val.shape[0],
                      "n_test": result.data.test.shape[0]}
-    assert sum(sizes.values()) == 200 and sizes["n_train"] != cfg.n_train
+    assert sizes == {"n_train": 100, "n_val": 20, "n_test": 20}  # the sizes used, not the config's
+    assert cfg.n_val is None and cfg.n_test is None
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["samples"] is None and metrics["n_train"] == sizes["n_train"]
     assert load_run(tmp_path / "run").config == cfg  # the extra key does not break reloading
