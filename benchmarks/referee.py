@@ -125,6 +125,9 @@ def main() -> None:
     p.add_argument("--widths", type=float, nargs="*", default=[0.1, 0.3, 1.0, 3.0],
                    help="fixed proposal widths for a deterministic encoder (none: timings only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="then time every model's final evaluation (validation + test) this many "
+                   "times, the models taking turns, so that a changing load hits them alike")
     p.add_argument("--n-val", type=int, default=None, help="score the first N validation points (none: all)")
     p.add_argument("--n-test", type=int, default=None, help="score the first N test points (none: all)")
     args = p.parse_args()
@@ -157,6 +160,18 @@ def main() -> None:
                   + (f"; empiricalized {rec['empirical_log_lik']:.2f}" if "empirical_log_lik" in rec else ""),
                   flush=True)
             records.append(rec)
+        timing: dict[str, list[float]] = {name: [] for name, _, _ in items}
+        for _ in range(args.repeats):
+            for name, model, data in items:
+                data = Dataset(data.name, data.train, data.val[: args.n_val], data.test[: args.n_test])
+                t = time.perf_counter()
+                for split in (data.val, data.test):
+                    estimate_log_likelihood(model, split, samples=samples, train=data.train, progress=False)
+                timing[name].append(time.perf_counter() - t)
+        for name, seconds in timing.items():
+            if seconds:
+                print(f"{name}: final evaluation {sorted(seconds)[len(seconds) // 2]:.1f} s (median of "
+                      f"{len(seconds)}, taking turns)", flush=True)
     knobs: dict[str, Any] = {"samples": samples, "widths": args.widths, "seed": args.seed,
                              "data": args.data, "runs": args.runs, "n_val": args.n_val,
                              "n_test": args.n_test}
@@ -164,7 +179,8 @@ def main() -> None:
         knobs["tiny_training"] = knobs_of(bench_config(
             method="mapa", samples=10, batch_size=50, lr=1e-3, seed=0, restarts=1, hidden=(32,),
             activation="tanh", latent_dim=2, threads=1, dtype="float32"))
-    write_records(args.json, "referee", info, knobs, records,
+    knobs["repeats"] = args.repeats
+    write_records(args.json, "referee", info, knobs, records, final_evaluation_seconds_in_turns=timing,
                   note="timings on a shared machine: compare within one run only")
 
 
