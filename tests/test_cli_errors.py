@@ -344,6 +344,8 @@ ROUND_THREE: dict[str, Case] = {
                                             str(e.tmp / "x.npy")], ("--seed",), check=_absent("x.npy")),
     "sample-seed-huge": Case(lambda e: ["sample", str(e.run), "--n", "5", "--seed", HUGE_SEED, "--out",
                                         str(e.tmp / "x.npy")], (), code=0, check=_wrote("x.npy", 5)),
+    "evaluate-seed-huge": Case(lambda e: ["evaluate", str(e.run5), "--data", str(e.points), "--samples",
+                                          "10", "--seed", HUGE_SEED, "--quiet"], (), code=0),
     "evaluate-seed-negative": Case(lambda e: ["evaluate", str(e.run5), "--data", str(e.points),
                                               "--seed", "-1"], ("--seed",)),
     "compare-seed-negative": Case(lambda e: _compare_argv(e, extra=("--seed", "-1")), ("--seed",),
