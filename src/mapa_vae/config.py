@@ -184,14 +184,14 @@ class TrainConfig:
     extra: dict[str, Any] = knob({}, "free-form notes kept with the run", cli=False)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _check_field(f, getattr(self, f.name)))
-
         if isinstance(self.data, Path):  # the Python API may name a file by its path
             self.data = str(self.data)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_field(f, getattr(self, f.name)))
+        _check_together(self)
+
     @property
     def mapa_k(self) -> int:
-        _check_together(self)
         """MAPA's ``k``: as given, else 10 % of ``S`` (at least 1), the paper's smaller setting."""
         return self.k if self.k is not None else max(1, round(0.1 * self.samples))
 
