@@ -1,4 +1,5 @@
-"""The approximate MAPA posterior (faiss) against the exact one; engines, shards and the cache."""
+"""The approximate MAPA posterior (faiss) against the exact one; engines and shards (the cache key
+over engines: tests/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from mapa_vae.errors import MapaError
-from mapa_vae.inference.cache import cached_posterior
 from mapa_vae.inference.engines import build_posterior, concat_rows, resolve_engine
 from mapa_vae.inference.exact import compute_posterior
 from mapa_vae.inference.neighbours import NeighbourIndex
@@ -178,23 +178,6 @@ def test_auto_engine_is_exact_for_small_data(circle_data):
     # settings for the engine auto might have picked are no error
     assert _same(build_posterior(circle_data, kernel, top_k=30, ef_search=10),
                  compute_posterior(circle_data, kernel, top_k=30))
-
-
-def test_cache_key_covers_engine_and_index_settings(circle_data, tmp_path):
-    kernel = GaussianKernel(0.01)
-    exact, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20)
-    assert not hit
-    approx, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
-    assert not hit
-    again, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
-    assert hit and _same(again, approx) and not _same(approx, exact)
-    _, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss", tail_samples=8)
-    assert not hit
-    auto, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="auto")
-    assert hit and _same(auto, exact)  # auto picks exact at N = 200 and shares its cache
-    assert len(list(tmp_path.glob("posterior-*.npz"))) == 3
-    with pytest.raises(MapaError, match="takes no index settings"):
-        cached_posterior(circle_data, kernel, tmp_path, top_k=20, ef_search=10)  # engine="exact"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

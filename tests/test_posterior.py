@@ -1,4 +1,5 @@
-"""The MAPA posterior: kernels, blocked top-K against a dense reference, tail sampler, cache."""
+"""The MAPA posterior: kernels, blocked top-K against a dense reference, tail sampler (its cache:
+tests/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import pytest
 import torch
 
 from mapa_vae.errors import MapaError
-from mapa_vae.inference.cache import cached_posterior
 from mapa_vae.inference.exact import compute_posterior
-from mapa_vae.inference.posterior import MapaPosterior
 from mapa_vae.kernels import BernoulliKernel, GaussianKernel, Kernel
 
 
@@ -114,48 +113,3 @@ def test_check_budget_errors(circle_data):
     sparse = compute_posterior(circle_data[:50], GaussianKernel(0.01), top_k=5)
     with pytest.raises(MapaError, match="neighbours stored"):
         sparse.check_budget(6, 0)
-
-
-def _same(a: MapaPosterior, b: MapaPosterior) -> bool:
-    return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("log_q", "index", "log_rest"))
-
-
-def test_cache_hits_and_misses(circle_data, tmp_path):
-    x = circle_data
-    kernel = GaussianKernel(0.01)
-    first, hit = cached_posterior(x, kernel, tmp_path, top_k=20)
-    assert not hit
-    again, hit = cached_posterior(x.clone(), kernel, tmp_path, top_k=20)
-    assert hit and _same(first, again)
-    changed = x.clone()
-    changed[3, 1] += 1e-9  # one value
-    for data, kern, k in [
-        (changed, kernel, 20),
-        (x, GaussianKernel(0.011), 20),  # σ²
-        (x, kernel, 21),  # K
-        (x.float(), kernel, 20),  # dtype
-    ]:
-        _, hit = cached_posterior(data, kern, tmp_path, top_k=k)
-        assert not hit
-    _, hit = cached_posterior(x, kernel, tmp_path, top_k=20)
-    assert hit
-    assert not list(tmp_path.glob("*.tmp")), "no temporary files remain"
-
-
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
-def test_corrupt_cache_is_detected_and_rebuilt(circle_data, tmp_path, damage):
-    kernel = GaussianKernel(0.01)
-    good, _ = cached_posterior(circle_data, kernel, tmp_path, top_k=30)
-    (path,) = tmp_path.glob("posterior-*.npz")
-    raw = bytearray(path.read_bytes())
-    if damage == "truncate":
-        raw = raw[: len(raw) // 2]
-    elif damage == "flip":
-        raw[len(raw) // 2] ^= 0xFF
-    else:
-        raw = bytearray(b"not a zip file")
-    path.write_bytes(bytes(raw))
-    rebuilt, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=30)
-    assert not hit and _same(good, rebuilt)
-    _, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=30)
-    assert hit

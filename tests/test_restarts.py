@@ -1,6 +1,7 @@
 """Restarts: R copies trained together equal the same copies trained one after another, copy 0
-is the single run, the best by validation is kept, the history holds every copy, a resumed run
-continues bit for bit, and one training loop serves every R."""
+is the single run, the best by validation is kept, the history holds every copy, and one training
+loop serves every R. (R copies resumed bit for bit: ``test_resume.py``; one copy's skipped step:
+``test_nonfinite.py``.)"""
 
 from __future__ import annotations
 
@@ -11,20 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mapa_vae.config import TrainConfig
 from mapa_vae.storage import load_tensors
 from mapa_vae.training import engines
 from mapa_vae.training.loop import train
-from mapa_vae.training.restart_state import RestartAdam
 
 R = 3
-SMALL = dict(data="circle", samples=10, epochs=6, n_train=200, n_val=100, n_test=200, eval_every=2,
-             val_grid=2**10, test_grid=2**11, dtype="float64", restarts=1)
 TRAINING = Path(engines.__file__).parent
-
-
-def small(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(**{**SMALL, "cache_dir": str(tmp_path / "cache"), **kw})
+FLOAT64 = {"dtype": "float64", "epochs": 6, "samples": 10}  # comparisons to 1e-9
 
 
 def member(state: dict, single: dict, r: int) -> dict:
@@ -57,16 +51,16 @@ def assert_same_copy(a: dict, ra: int, b: dict, rb: int, tol: dict) -> None:
     ("vae", {"batching": "local"}, "sequential"),
     ("mapa", {"data": "digits-binary"}, "vectorized"),  # Bernoulli: pairs scored by matmul
 ])
-def test_restarts_equal_separate_runs(tmp_path, monkeypatch, method, extra, engine):
+def test_restarts_equal_separate_runs(tiny_config, tmp_path, monkeypatch, method, extra, engine):
     """Copy 0 of R equals the single run of the same seed, and every copy trained together
     (vectorized) equals it trained in turn (sequential), in float64: weights, best weights,
     train bounds and validation scores; the vectorized engine differs by rounding only."""
-    together = train(small(tmp_path, method=method, restarts=R, **extra), tmp_path / "all",
+    together = train(tiny_config(**FLOAT64, method=method, restarts=R, **extra), tmp_path / "all",
                      progress=False)
     assert together.metrics["restart_engine"] == engine
     ck = load_tensors(tmp_path / "all" / "checkpoint.pt")
     tol = {"rtol": 1e-9, "atol": 1e-11} if engine == "vectorized" else {"rtol": 0, "atol": 0}
-    single = train(small(tmp_path, method=method, **extra), tmp_path / "one", progress=False)
+    single = train(tiny_config(**FLOAT64, method=method, **extra), tmp_path / "one", progress=False)
     assert single.metrics["restart_engine"] == "sequential" and single.metrics["restarts"] == 1
     assert_same_copy(ck, 0, load_tensors(tmp_path / "one" / "checkpoint.pt"), 0, tol)
     if together.metrics["restart"] == 0:
@@ -75,7 +69,7 @@ def test_restarts_equal_separate_runs(tmp_path, monkeypatch, method, extra, engi
                 assert together.metrics[key] == pytest.approx(single.metrics[key], rel=1e-7)
     if engine == "vectorized":
         monkeypatch.setattr(engines, "vectorizable", lambda *a: "forced for the test")
-        apart = train(small(tmp_path, method=method, restarts=R, **extra), tmp_path / "seq",
+        apart = train(tiny_config(**FLOAT64, method=method, restarts=R, **extra), tmp_path / "seq",
                       progress=False)
         assert apart.metrics["restart_engine"] == "sequential"
         seq = load_tensors(tmp_path / "seq" / "checkpoint.pt")
@@ -91,11 +85,12 @@ def test_restarts_equal_separate_runs(tmp_path, monkeypatch, method, extra, engi
     assert together.metrics["best_val_selection_score"] == max(best)
 
 
-def test_history_and_metrics_have_one_shape_for_every_r(tmp_path):
+def test_history_and_metrics_have_one_shape_for_every_r(tiny_config, tmp_path):
     """Per-epoch records hold the chosen copy's scores and every copy's, for R = 3 and R = 1."""
     for r_count in (R, 1):
         out = tmp_path / f"run{r_count}"
-        result = train(small(tmp_path, method="vae", restarts=r_count, epochs=4), out, progress=False)
+        result = train(tiny_config(**{**FLOAT64, "epochs": 4}, method="vae", restarts=r_count), out,
+                       progress=False)
         history = json.loads((out / "history.json").read_text())
         assert [h["epoch"] for h in history] == [1, 2, 3, 4]
         assert all(len(h["train_bound_per_copy"]) == r_count for h in history)
@@ -116,45 +111,6 @@ def test_history_and_metrics_have_one_shape_for_every_r(tmp_path):
         assert (out / "curves.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("method", ["mapa", "iwae"])
-def test_restarts_resume_bit_for_bit(tmp_path, method):
-    """8 epochs straight equal 4 epochs and a resumed run to 8, every copy, bit for bit (CPU)."""
-    cfg = small(tmp_path, method=method, restarts=R, dtype="float32", epochs=8)
-    straight = train(cfg, tmp_path / "a", progress=False)
-    train(small(tmp_path, method=method, restarts=R, dtype="float32", epochs=4), tmp_path / "b",
-          progress=False)
-    resumed = train(cfg, tmp_path / "b", progress=False, resume=True)
-    a, b = (load_tensors(tmp_path / d / "checkpoint.pt") for d in "ab")
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key])
-    for x, y in zip(straight.trained.state_dict().values(), resumed.trained.state_dict().values(),
-                    strict=True):
-        assert torch.equal(x, y)
-    assert straight.history == resumed.history
-    assert straight.metrics["passes_per_point_per_step"] == resumed.metrics["passes_per_point_per_step"]
-
-
-def test_restart_adam_skips_one_restart_and_matches_torch_adam():
-    """A step skipped in restart 1 leaves restart 0 moving; each equals torch's Adam run alone."""
-    torch.manual_seed(0)
-    w0 = torch.randn(2, 3, 4, dtype=torch.float64)
-    grads = torch.randn(4, 2, 3, 4, dtype=torch.float64)
-    active = torch.tensor([[True, True], [True, False], [True, True], [False, True]])
-    stacked = w0.clone().requires_grad_()
-    opt = RestartAdam([stacked], lr=1e-2)
-    for g, on in zip(grads, active, strict=True):
-        stacked.grad = torch.where(on[:, None, None], g, torch.full_like(g, float("nan")))
-        opt.step(on)
-    for r in range(2):
-        w = w0[r].clone().requires_grad_()
-        ref = torch.optim.Adam([w], lr=1e-2)
-        for g, on in zip(grads, active, strict=True):
-            if on[r]:
-                w.grad = g[r].clone()
-                ref.step()
-        torch.testing.assert_close(stacked.detach()[r], w.detach(), rtol=1e-13, atol=1e-15)
-
-
 def test_one_training_loop():
     """The engines hold no epoch loop (no name in their code mentions an epoch), and the loop and
     the engines together are shorter than the two loops they replaced (952 lines)."""
@@ -168,14 +124,14 @@ def test_one_training_loop():
     assert lines < 952
 
 
-def test_tensorboard_logs_every_epoch_of_every_copy(tmp_path):
+def test_tensorboard_logs_every_epoch_of_every_copy(tiny_config, tmp_path):
     """With ``tensorboard`` set, each epoch's record (every copy's bound and score) is logged
     as it is made: the logged values are the history's."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = train(small(tmp_path, method="vae", restarts=2, epochs=4, dtype="float32",
-                         tensorboard=str(tmp_path / "tb")), tmp_path / "run", progress=False)
+    result = train(tiny_config(method="vae", restarts=2, epochs=4, samples=10, dtype="float32",
+                               tensorboard=str(tmp_path / "tb")), tmp_path / "run", progress=False)
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     for r in range(2):

@@ -21,14 +21,10 @@ from mapa_vae.training.distributed import init_parallel
 from mapa_vae.training.engines import make_engine
 from mapa_vae.training.loop import _likelihood_config
 
-SMALL = dict(data="circle", hidden=(8,), samples=5, n_train=100, n_val=50, n_test=100, epochs=1,
-             val_grid=2**9, test_grid=2**10, prior_steps=30)
 
-
-def initial_copies(tmp_path, method: str, seed: int, restarts: int) -> list[dict[str, torch.Tensor]]:
+def initial_copies(tiny_config, method: str, seed: int, restarts: int) -> list[dict[str, torch.Tensor]]:
     """The initial weights of every copy of a run, and each copy's first draw of its stream."""
-    cfg = TrainConfig(**SMALL, method=method, seed=seed, restarts=restarts,
-                      cache_dir=str(tmp_path / "cache"))
+    cfg = tiny_config(method=method, seed=seed, restarts=restarts, epochs=1)
     data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
     likelihood = make_likelihood(_likelihood_config(cfg, data))
     engine, _ = make_engine(METHODS[method], cfg, data, likelihood, data.train.float(),
@@ -44,15 +40,15 @@ def initial_copies(tmp_path, method: str, seed: int, restarts: int) -> list[dict
 
 
 @pytest.mark.parametrize("method", ["mapa", "vae"])
-def test_different_seeds_share_no_copy(tmp_path, method):
+def test_different_seeds_share_no_copy(tiny_config, method):
     """``--seed 0`` and ``--seed 1`` with ``--restarts 3``: six copies, no two with the same
     initial weights or the same stream; copy 0 of R = 3 starts as the single run."""
-    copies = initial_copies(tmp_path, method, 0, 3) + initial_copies(tmp_path, method, 1, 3)
+    copies = initial_copies(tiny_config, method, 0, 3) + initial_copies(tiny_config, method, 1, 3)
     for a, b in itertools.combinations(copies, 2):
         assert a.keys() == b.keys()
         assert not any(torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()
                        and a[k].numel() > 1)
-    single = initial_copies(tmp_path, method, 1, 1)[0]
+    single = initial_copies(tiny_config, method, 1, 1)[0]
     assert all(torch.equal(single[k], copies[3][k]) for k in single)
 
 
@@ -67,18 +63,14 @@ def test_copy_seeds_are_distinct_and_any_size():
             check_seed(bad)
 
 
-def test_seeds_of_any_size_train_and_negative_ones_are_one_line(tmp_path, capsys):
+def test_seeds_of_any_size_train_and_negative_ones_are_one_line(train_args, tmp_path, capsys):
     TrainConfig(seed=2**70)
     out = tmp_path / "run"
-    args = ["train", "--data", "circle", "--hidden", "8", "--samples", "5", "--n-train", "100",
-            "--n-val", "50", "--n-test", "100", "--epochs", "1", "--val-grid", "512",
-            "--test-grid", "1024", "--prior-steps", "30", "--restarts", "2",
-            "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    assert main([*args, "--out", str(out), "--seed", "18446744073709551616"]) == 0
+    assert main(train_args(out, epochs=1, restarts=2, seed="18446744073709551616")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seed_per_copy"] == [copy_seeds(2**64, r).torch for r in range(2)]
     capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "neg"), "--seed", "-1"]) == 2
+    assert main(train_args(tmp_path / "neg", epochs=1, restarts=2, seed=-1)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "seed" in err[0], err
     with pytest.raises(MapaError, match="seed"):

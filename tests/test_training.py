@@ -1,4 +1,6 @@
-"""The training loop, run directories, resume, and the main job end to end (small profile)."""
+"""The training loop: run directories that rebuild the model, refusals, binary data and 2-D latents,
+and the main job end to end (small profile). Resume: ``test_resume.py``; non-finite steps:
+``test_nonfinite.py``; R copies: ``test_restarts.py``."""
 
 from __future__ import annotations
 
@@ -11,22 +13,13 @@ from mapa_vae.config import TrainConfig
 from mapa_vae.errors import MapaError
 from mapa_vae.evaluation.likelihood import quadrature_log_likelihood
 from mapa_vae.experiments.compare import compare
-from mapa_vae.storage import load_tensors
 from mapa_vae.training.loop import train
 from mapa_vae.training.runs import load_run
 
-TINY = dict(n_train=200, n_val=100, n_test=200, eval_every=2, val_grid=2**10, test_grid=2**12,
-            prior_steps=100, restarts=1)  # single runs; tests/test_restarts.py: R > 1
-
-
-def tiny(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(**{"data": "circle", "samples": 10, "epochs": 4,
-                          "cache_dir": str(tmp_path / "cache"), **TINY, **kw})
-
 
 @pytest.mark.parametrize("method", ["mapa", "vae", "iwae"])
-def test_run_directory_rebuilds_the_model(tmp_path, method):
-    result = train(tiny(tmp_path, method=method), tmp_path / "run", progress=False)
+def test_run_directory_rebuilds_the_model(tiny_config, tmp_path, method):
+    result = train(tiny_config(method=method, samples=10), tmp_path / "run", progress=False)
     files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.json", "model.pt", "trained.pt", "checkpoint.pt", "metrics.json",
             "history.json"} <= files
@@ -48,72 +41,6 @@ def test_run_directory_rebuilds_the_model(tmp_path, method):
         assert 1.0 <= per_point["decoder"] <= 11.0  # unique indices of k + S = 11 per point
 
 
-@pytest.mark.parametrize("method", ["mapa", "iwae"])
-def test_resume_continues_exactly(tmp_path, method):
-    """8 epochs straight equal 4 epochs, then a resumed run to 8: bit for bit on CPU."""
-    straight = train(tiny(tmp_path, method=method, epochs=8), tmp_path / "a", progress=False)
-    train(tiny(tmp_path, method=method, epochs=4), tmp_path / "b", progress=False)
-    resumed = train(tiny(tmp_path, method=method, epochs=8), tmp_path / "b", progress=False,
-                    resume=True)
-    for a, b in zip(straight.trained.state_dict().values(), resumed.trained.state_dict().values(),
-                    strict=True):
-        assert torch.equal(a, b)
-    ck_a = load_tensors(tmp_path / "a" / "checkpoint.pt")
-    ck_b = load_tensors(tmp_path / "b" / "checkpoint.pt")
-    assert ck_a["epoch"] == ck_b["epoch"] == 8
-    for s_a, s_b in zip(ck_a["optimizer"]["state"].values(), ck_b["optimizer"]["state"].values(),
-                        strict=True):
-        assert all(torch.equal(s_a[k], s_b[k]) for k in s_a)
-
-
-def test_resume_of_a_checkpoint_written_before_copies(tmp_path):
-    """A single run's checkpoint in the format written before runs trained copies (no per-copy
-    state; history values as floats) resumes to the same weights and history as a run straight
-    through."""
-    from mapa_vae.storage import save_tensors
-
-    straight = train(tiny(tmp_path, method="mapa", epochs=6), tmp_path / "a", progress=False)
-    train(tiny(tmp_path, method="mapa", epochs=4), tmp_path / "b", progress=False)
-    ck = load_tensors(tmp_path / "b" / "checkpoint.pt")
-    ck["torch_rng"] = ck["restarts"]["rng"][0]  # the run's generator, as a single run kept it
-    del ck["restarts"]
-    ck["history"] = [{k: v for k, v in h.items() if not k.endswith("_per_copy")} for h in ck["history"]]
-    save_tensors(tmp_path / "b" / "checkpoint.pt", ck)
-    resumed = train(tiny(tmp_path, method="mapa", epochs=6), tmp_path / "b", progress=False,
-                    resume=True)
-    for a, b in zip(straight.trained.state_dict().values(), resumed.trained.state_dict().values(),
-                    strict=True):
-        assert torch.equal(a, b)
-    assert resumed.history == straight.history
-    assert resumed.metrics["skipped_steps"] == straight.metrics["skipped_steps"]
-
-
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(MapaError, match="no checkpoint"):
-        train(tiny(tmp_path), tmp_path / "nothing", progress=False, resume=True)
-
-
-def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    """A NaN bound at one step leaves the weights as they were and is reported."""
-    from mapa_vae.inference import objectives
-
-    calls = {"n": 0}
-    original = objectives.MAPA.__call__
-
-    def poisoned(self, model, x, index):
-        calls["n"] += 1
-        bound = original(self, model, x, index)
-        if calls["n"] == 3:
-            return objectives.Bound(bound.value * float("nan"), bound.surrogate * float("nan"))
-        return bound
-
-    monkeypatch.setattr(objectives.MAPA, "__call__", poisoned)
-    result = train(tiny(tmp_path, epochs=2), tmp_path / "run", progress=False)
-    assert result.metrics["skipped_steps"] == 1
-    ck = load_tensors(tmp_path / "run" / "checkpoint.pt")
-    assert all(torch.isfinite(v).all() for v in ck["model"].values())
-
-
 def test_unknown_method_and_bad_values_are_rejected():
     with pytest.raises(MapaError, match="unknown method"):
         TrainConfig(method="vampire")
@@ -128,7 +55,8 @@ def test_unknown_method_and_bad_values_are_rejected():
 @pytest.mark.slow
 def test_main_job_end_to_end_small_profile(tmp_path, capsys):
     metrics = compare("circle", tmp_path / "cmp", epochs=3, samples=10, progress=False,
-                      cache_dir=str(tmp_path / "cache"), **TINY)
+                      cache_dir=str(tmp_path / "cache"), n_train=200, n_val=100, n_test=200,
+                      eval_every=2, val_grid=2**10, test_grid=2**12, prior_steps=100, restarts=1)
     assert set(metrics) == {"mapa", "vae", "iwae"}
     table = capsys.readouterr().out
     for method in ("mapa", "vae", "iwae"):
@@ -172,8 +100,8 @@ def test_binary_data_trains_with_unit_interval_likelihoods(tmp_path, likelihood,
     assert samples.shape == (20, 12) and ((samples >= 0) & (samples <= 1)).all()
 
 
-def test_two_dimensional_latent_trains_and_evaluates_by_importance_sampling(tmp_path):
-    result = train(tiny(tmp_path, method="vae", latent_dim=2), tmp_path / "run", progress=False)
+def test_two_dimensional_latent_trains_and_evaluates_by_importance_sampling(tiny_config, tmp_path):
+    result = train(tiny_config(method="vae", latent_dim=2), tmp_path / "run", progress=False)
     assert torch.isfinite(torch.tensor(result.metrics["test_log_lik"]))
     assert result.metrics["test_kl"] > 0
     run = load_run(tmp_path / "run")
@@ -181,9 +109,9 @@ def test_two_dimensional_latent_trains_and_evaluates_by_importance_sampling(tmp_
 
 
 @pytest.mark.parametrize("code_prior", ["flow", "mixture"])
-def test_mapa_with_a_two_dimensional_latent_fits_a_code_prior(tmp_path, code_prior):
+def test_mapa_with_a_two_dimensional_latent_fits_a_code_prior(tiny_config, tmp_path, code_prior):
     """L > 1: a flow or mixture fitted to the codes is the prior; the run reloads from disk."""
-    cfg = tiny(tmp_path, method="mapa", latent_dim=2, code_prior=code_prior, code_prior_steps=50,
+    cfg = tiny_config(method="mapa", latent_dim=2, code_prior=code_prior, code_prior_steps=50,
                flow_hidden=(16, 16))
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.metrics["prior_kind"] == code_prior
