@@ -31,10 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["RESUMABLE", "Checkpoint", "CopyProgress", "chosen_copy", "config_json", "resume_copies"]
 
 # Fields that may differ between a checkpoint and the run that resumes it.
-RESUMABLE = ("epochs", "cache_dir", "device", "threads")
+RESUMABLE = ("epochs", "cache_dir", "device", "threads", "tensorboard")
 
 
-def config_json(cfg: TrainConfig, drop: tuple[str, ...] = ("cache_dir", "device", "threads")) -> str:
+def config_json(cfg: TrainConfig,
+                drop: tuple[str, ...] = ("cache_dir", "device", "threads", "tensorboard")) -> str:
     """The config as canonical JSON, stored in checkpoints and model files to tie them to it."""
     d = {k: v for k, v in dataclasses.asdict(cfg).items()
          if k not in drop and not (k in ADDED_LATER and v == ADDED_LATER[k])}  # as older runs wrote

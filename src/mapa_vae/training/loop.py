@@ -52,6 +52,7 @@ from ..config import TrainConfig
 from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS
 from ..data.loading import load_dataset
+from ..data.memory import check_train_memory
 from ..errors import NoUsableModel
 from ..evaluation.likelihood import test_kl
 from ..methods.base import Method
@@ -100,6 +101,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     lik_config = _likelihood_config(cfg, data)
     likelihood = make_likelihood(lik_config)
     _check_data(likelihood, data, cfg.data)
+    check_train_memory(cfg, data.train.shape[0], data.dim)  # refuse what cannot fit, before any work
     par = init_parallel(cfg.device)
     device = resolve_device(cfg.device, par.local_rank)
     out = Path(out_dir) if out_dir is not None and par.main else None  # only rank 0 writes
