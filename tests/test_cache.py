@@ -37,26 +37,68 @@ def _same(a: MapaPosterior, b: MapaPosterior) -> bool:
     return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("log_q", "index", "log_rest"))
 
 
-def test_cache_hits_and_misses(circle_data, tmp_path):
-    x = circle_data
-    kernel = GaussianKernel(0.01)
-    first, hit = cached_posterior(x, kernel, tmp_path, top_k=20)
-    assert not hit
-    again, hit = cached_posterior(x.clone(), kernel, tmp_path, top_k=20)
-    assert hit and _same(first, again)
+# --- the key -----------------------------------------------------------------------------------
+
+
+def _requests(change: str, x: torch.Tensor) -> tuple[tuple, tuple]:
+    """``(data, kernel, K)`` asked first, and the same request with ``change`` made to its key."""
+    gaussian, rho = GaussianKernel(0.01), BernoulliKernel(0.9)
+    bits = (torch.rand(120, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) < 0.4)
+    bits = bits.double()
     changed = x.clone()
-    changed[3, 1] += 1e-9  # one value
-    for data, kern, k in [
-        (changed, kernel, 20),
-        (x, GaussianKernel(0.011), 20),  # σ²
-        (x, kernel, 21),  # K
-        (x.float(), kernel, 20),  # dtype
-    ]:
-        _, hit = cached_posterior(data, kern, tmp_path, top_k=k)
-        assert not hit
-    _, hit = cached_posterior(x, kernel, tmp_path, top_k=20)
+    changed[3, 1] += 1e-9
+    return {
+        "one value": ((x, gaussian, 20), (changed, gaussian, 20)),
+        "noise var": ((x, gaussian, 20), (x, GaussianKernel(0.011), 20)),
+        "K": ((x, gaussian, 20), (x, gaussian, 21)),
+        "dtype": ((x, gaussian, 20), (x.float(), gaussian, 20)),
+        "rho": ((bits, rho, 20), (bits, BernoulliKernel(0.8), 20)),
+        "kernel on the same bytes": ((bits, rho, 20), (bits, gaussian, 20)),
+        "shape of the same bytes": ((bits, rho, 20), (bits.reshape(60, 12), rho, 20)),
+    }[change]
+
+
+KEY_CHANGES = ["one value", "noise var", "K", "dtype", "rho", "kernel on the same bytes",
+               "shape of the same bytes"]
+
+
+@pytest.mark.parametrize("change", KEY_CHANGES)
+def test_the_key_covers_every_part_of_the_request(circle_data, tmp_path, change):
+    """The same request (even a copy of the data) is a hit with identical arrays; a request with
+    one part of the key changed is a miss, cached beside the first; no temp file remains."""
+    (data, kernel, k), (other_data, other_kernel, other_k) = _requests(change, circle_data)
+    first, hit = cached_posterior(data, kernel, tmp_path, top_k=k)
+    assert not hit
+    again, hit = cached_posterior(data.clone(), kernel, tmp_path, top_k=k)
+    assert hit and _same(first, again)
+    _, hit = cached_posterior(other_data, other_kernel, tmp_path, top_k=other_k)
+    assert not hit
+    again, hit = cached_posterior(data, kernel, tmp_path, top_k=k)
+    assert hit and _same(first, again)
+    _, hit = cached_posterior(other_data, other_kernel, tmp_path, top_k=other_k)
     assert hit
+    assert len(list(tmp_path.glob("posterior-*.npz"))) == 2
     assert not _temp_files(tmp_path), "no temporary files remain"
+
+
+def test_cache_key_covers_engine_and_index_settings(circle_data, tmp_path):
+    kernel = GaussianKernel(0.01)
+    exact, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20)
+    assert not hit
+    approx, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
+    assert not hit
+    again, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
+    assert hit and _same(again, approx) and not _same(approx, exact)
+    _, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss", tail_samples=8)
+    assert not hit
+    auto, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="auto")
+    assert hit and _same(auto, exact)  # auto picks exact at N = 200 and shares its cache
+    assert len(list(tmp_path.glob("posterior-*.npz"))) == 3
+    with pytest.raises(MapaError, match="takes no index settings"):
+        cached_posterior(circle_data, kernel, tmp_path, top_k=20, ef_search=10)  # engine="exact"
+
+
+# --- damaged, foreign or hostile files ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
@@ -76,24 +118,6 @@ def test_corrupt_cache_is_detected_and_rebuilt(circle_data, tmp_path, damage):
     assert not hit and _same(good, rebuilt)
     _, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=30)
     assert hit
-
-
-
-def test_cache_key_covers_rho_kernel_and_shape(tmp_path):
-    x = (torch.rand(120, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) < 0.4)
-    x = x.double()
-    first, hit = cached_posterior(x, BernoulliKernel(0.9), tmp_path, top_k=20)
-    assert not hit
-    for data, kernel in [
-        (x, BernoulliKernel(0.8)),  # ρ
-        (x, GaussianKernel(0.01)),  # another kernel on the same bytes
-        (x.reshape(60, 12), BernoulliKernel(0.9)),  # same bytes, another shape
-    ]:
-        _, hit = cached_posterior(data, kernel, tmp_path, top_k=20)
-        assert not hit
-    again, hit = cached_posterior(x, BernoulliKernel(0.9), tmp_path, top_k=20)
-    assert hit and _same(again, first)
-    assert len(list(tmp_path.glob("posterior-*.npz"))) == 4
 
 
 def _rewrite_npz(path: Path, **arrays) -> None:
@@ -142,6 +166,9 @@ def test_cache_with_pickled_object_is_refused_without_running_it(circle_data, tm
     rebuilt, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=30)
     assert not hit and _same(rebuilt, good)
     assert not marker.exists()
+
+
+# --- writers: a full disk, four processes at once ------------------------------------------------
 
 
 def test_failed_cache_write_leaves_no_file_and_other_caches_intact(circle_data, tmp_path, fill_disk):
@@ -219,22 +246,3 @@ def test_four_processes_build_one_cache_once(tmp_path, child_env):
     post, hit = cached_posterior(torch.from_numpy(x), GaussianKernel(0.01), cache, top_k=64)
     assert hit
     assert array_digest(post.log_q, post.index, post.log_rest) == results[0]["digest"]
-
-
-
-def test_cache_key_covers_engine_and_index_settings(circle_data, tmp_path):
-    kernel = GaussianKernel(0.01)
-    exact, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20)
-    assert not hit
-    approx, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
-    assert not hit
-    again, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss")
-    assert hit and _same(again, approx) and not _same(approx, exact)
-    _, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="faiss", tail_samples=8)
-    assert not hit
-    auto, hit = cached_posterior(circle_data, kernel, tmp_path, top_k=20, engine="auto")
-    assert hit and _same(auto, exact)  # auto picks exact at N = 200 and shares its cache
-    assert len(list(tmp_path.glob("posterior-*.npz"))) == 3
-    with pytest.raises(MapaError, match="takes no index settings"):
-        cached_posterior(circle_data, kernel, tmp_path, top_k=20, ef_search=10)  # engine="exact"
-
