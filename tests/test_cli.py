@@ -15,6 +15,7 @@ import torch
 
 import mapa_vae.data.loading
 from mapa_vae.cli import main
+from mapa_vae.config import TrainConfig
 from mapa_vae.data.groundtruth import ground_truth
 from mapa_vae.models.likelihoods import GaussianLikelihood
 from mapa_vae.registry import METHODS as REGISTERED
@@ -273,3 +274,29 @@ def test_train_help_lists_options(capsys):
     for option in ("--method", "--samples", "--k", "--epochs", "--seed", "--noise-var",
                    "--latent-dim", "--out"):
         assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", out), option
+
+
+def test_evaluate_reloads_an_older_runs_data_by_its_recorded_sizes(runs, circle_file, tmp_path, capsys):
+    """Runs written before the size knobs took subsets stored n_train = 1000 etc. even for a file
+    whose own 80/10/10 split they used; evaluate rebuilds the training atoms from the sizes the
+    run recorded (config.json's data_sizes), not from those knobs."""
+    import shutil
+
+    from mapa_vae.storage import load_tensors, save_tensors, write_json
+    from mapa_vae.training.checkpoint import config_json
+
+    old = tmp_path / "old-run"
+    shutil.copytree(runs["mapa"][3], old)
+    raw = json.loads((old / "config.json").read_text())
+    assert raw["data_sizes"]["n_train"] == 240  # the file's own split was used
+    raw.update(n_train=1000, n_val=500, n_test=2000)  # what such a run wrote
+    write_json(old / "config.json", raw)
+    cfg = TrainConfig.from_dict(
+        {k: v for k, v in raw.items() if k not in ("data_dim", "likelihood_config", "data_sizes")})
+    for name in ("model.pt", "trained.pt"):
+        saved = load_tensors(old / name)
+        save_tensors(old / name, {**saved, "config": config_json(cfg)})
+    assert main(["evaluate", str(old), "--data", str(circle_file), "--grid", "4096"]) == 0
+    captured = capsys.readouterr()
+    assert "cannot be loaded again" not in captured.err, captured.err
+    assert "240 training atoms" in captured.out, captured.out

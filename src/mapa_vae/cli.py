@@ -210,7 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_npy_outputs(("--per-point", args.per_point))
     run = load_run(args.run)
     model = run.model.to(resolve_device(args.device))
-    own = _run_data(run.config, run.data_dim)
+    own = _run_data(run.config, run.data_dim, run.data_sizes)
     x, what = _evaluation_points(args.data, run.data_dim, run.config)
     model.decoder.likelihood.check_data(x, args.data)
     train = None if own is None else own.train
@@ -231,10 +231,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
               f"{train.shape[0]} training atoms, paper Eq. 6): {float(est.empirical.mean()):.4f} nats")
 
 
-def _run_data(cfg: TrainConfig, dim: int) -> Dataset | None:
-    """The run's data set as training drew it; None, with a note, where it cannot be loaded."""
+def _run_data(cfg: TrainConfig, dim: int, sizes: dict[str, int] | None = None) -> Dataset | None:
+    """The run's data set as training drew it (with the split ``sizes`` it recorded, else its size
+    knobs); None, with a note, where it cannot be loaded."""
+    n: dict[str, int | None] = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test}
+    n.update(sizes or {})
     try:
-        data = load_dataset(cfg.data, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed)
+        data = load_dataset(cfg.data, n["n_train"], n["n_val"], n["n_test"], cfg.data_seed)
     except MapaError as e:
         print(f"mapa-vae: note: the run's training data cannot be loaded again ({e}); no overlap "
               "check and no training atoms", file=sys.stderr)

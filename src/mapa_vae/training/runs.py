@@ -35,6 +35,9 @@ class Run:
     config: TrainConfig
     model: LatentVariableModel
     data_dim: int
+    # the split sizes the run used (config.json's "data_sizes"); older runs stored their size knobs
+    # even where a file's own split ignored them, so these, not the knobs, rebuild its data
+    data_sizes: dict[str, int] | None = None
 
 
 
@@ -44,8 +47,10 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
     if not run.is_dir():
         raise MapaError(f"{run}: no such run directory")
     raw = read_json(run / "config.json")
-    if isinstance(raw, dict):
-        raw.pop("data_sizes", None)  # the split sizes used, recorded for the reader
+    sizes = raw.pop("data_sizes", None) if isinstance(raw, dict) else None  # the split sizes used
+    if not (isinstance(sizes, dict) and all(isinstance(sizes.get(k), int) and not isinstance(sizes[k], bool)
+                                            for k in ("n_train", "n_val", "n_test"))):
+        sizes = None
     metrics = run / "metrics.json"
     if metrics.is_file():
         m = read_json(metrics)
@@ -81,7 +86,7 @@ def load_run(run_dir: str | Path, which: str = "model") -> Run:
         raise MapaError(f"{where} (data_dim {data_dim}, latent_dim {cfg.latent_dim}, hidden "
                         f"{list(cfg.hidden)}) does not fit the weights in {run / f'{which}.pt'}: "
                         f"{first[:160]}") from None
-    return Run(cfg, model.eval(), data_dim)
+    return Run(cfg, model.eval(), data_dim, sizes)
 
 
 @contextmanager
