@@ -228,7 +228,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
             final, info = method.finalize(model, train_x.cpu(), cfg)
             metrics.update(prior_seconds=time.perf_counter() - t1, **info)
             say(f"evaluating on {data.val.shape[0]} validation and {data.test.shape[0]} test points")
-            metrics.update(evaluate_final(method, final, data, cfg.test_grid))
+            metrics.update(evaluate_final(method, final, data, cfg.test_grid, progress and par.main))
             problem = diagnose(state, null, final_val=metrics["val_log_lik"])
         metrics["usable"] = problem is None
         metrics["problem"] = problem
@@ -294,12 +294,14 @@ def _warnings(state: Checkpoint) -> list[str]:
     return []
 
 
-def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int) -> dict[str, Any]:
-    """Validation / test log-likelihood of the final model, and the test KL when known."""
+def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, grid: int,
+                   progress: bool | None = None) -> dict[str, Any]:
+    """Validation / test log-likelihood of the final model, and the test KL when known.
+    ``progress``: the referee's progress bar (None: on a terminal only)."""
     t = time.perf_counter()
-    test = method.evaluate(model, data.test, grid, train=data.train)  # the referee, methods/base.py
-    out: dict[str, Any] = {"val_log_lik": method.evaluate(model, data.val, grid, train=data.train).mean,
-                           **test.metrics("test")}
+    test = method.evaluate(model, data.test, grid, train=data.train, progress=progress)  # methods/base.py
+    val = method.evaluate(model, data.val, grid, train=data.train, progress=progress)
+    out: dict[str, Any] = {"val_log_lik": val.mean, **test.metrics("test")}
     if data.truth is not None:
         kl = test_kl(data.truth.model, model, data.test, grid, log_lik_model=test.values)
         out.update(test_log_lik_truth=kl.log_lik_truth, test_kl=kl.kl, test_kl_stderr=kl.stderr)
