@@ -86,6 +86,18 @@ def test_anchors_resolve(page: Path) -> None:
     assert not broken, f"{page.relative_to(ROOT)}: links to missing sections: {broken}"
 
 
+SOURCE_PATH = re.compile(r"\b(?:src/mapa_vae|tests|benchmarks)/[\w/]+\.py\b")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_named_source_files_exist(page: Path) -> None:
+    """A page that names a test, a benchmark or a module (``tests/test_sbn.py``) names one that
+    exists: a file renamed or removed leaves no stale pointer."""
+    missing = sorted({path for path in SOURCE_PATH.findall(page.read_text(encoding="utf-8"))
+                      if not (ROOT / path).is_file()})
+    assert not missing, f"{page.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
 def test_docs_pages_link_only_inside_the_repository() -> None:
     """A relative link that climbs out of the repository would resolve here and nowhere else."""
     outside = [
