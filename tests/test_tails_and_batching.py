@@ -1,4 +1,5 @@
-"""MAPA at scale: the batch-shared tail is unbiased and a bound; local batches partition the data."""
+"""MAPA's tail proposals and batchings: the renormalized tail, the per-point and batch-shared
+tails unbiased for the exact tail sum and a bound, and batchings that partition the data."""
 
 from __future__ import annotations
 
