@@ -102,9 +102,9 @@ class TrainConfig:
     lr: float = knob(1e-3, "Adam learning rate", low=0.0, open_low=True)
     seed: int = knob(0, "initialization, batching and sampling seed (any non-negative integer)",
                      low=0)
-    restarts: int = knob(3, "R: independently initialized copies trained together (seeds seed … "
-                         "seed+R-1); the best by validation is kept (README \"Restarts\": "
-                         "why 3)", low=1, short="-R", old=1)
+    restarts: int = knob(3, "R: independently initialized copies trained together (copy r seeded "
+                         "from (seed, r), so no two seeds share a copy); the best by validation is "
+                         "kept (docs/results.md \"Restarts\")", low=1, short="-R", old=1)
     data_seed: int = knob(0, "which draw of a built-in data set, or of a file's split (any "
                           "non-negative integer)", low=0)
     n_train: int | None = knob(None, "training points: a built-in curve or generated image set "

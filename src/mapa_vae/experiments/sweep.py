@@ -85,7 +85,7 @@ for _v in (
     Variant("mapa-k90", "mapa", k_fraction=0.9),
     Variant("mapa-gt", "mapa", k_fraction=0.1, posterior="ground-truth"),
     Variant("mapa-naive", "mapa", k_fraction=0.1, posterior="uniform"),
-    # issue 13's thesis test: a learned q_φ(i | x_n) in place of the kernel's (same k, S)
+    # the learned-proposal test: a learned q_φ(i | x_n) in place of the kernel's (same k, S)
     Variant("mapa-learned-nvil", "mapa", k_fraction=0.1, posterior="learned-nvil"),
     Variant("mapa-learned-vimco", "mapa", k_fraction=0.1, posterior="learned-vimco"),
 ):
@@ -131,7 +131,7 @@ PROFILES: dict[str, Profile] = {
                        "eval_every": 10, "test_grid": 2**14}),
         # Judges the claims at the paper's budget per run (500 epochs, N = 1000), with R = 5
         # restarts and D = 3 draws on every data set and every variant of the paper's figures;
-        # its S grid is what fits two hours on 2 CPU cores (README "Restarts": the estimate,
+        # its S grid is what fits two hours on 2 CPU cores (docs/results.md "Sweep estimates",
         # from measured epochs). The learned proposals (this package's extension, not the
         # paper's) would double it; their own thesis test judges them.
         Profile("medium", ALL, MEDIUM_SAMPLES, restarts=5, draws=3,

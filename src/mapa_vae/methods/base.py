@@ -3,7 +3,7 @@
 A :class:`Method` composes the pieces the training loop needs: the model to build, the
 objective to maximize, the validation score used to pick the best epoch, and the step that
 turns the trained networks into the generative model the user gets. Adding a method is one
-subclass and one ``METHODS.register`` line (see the README's "How to add a method"): the loop,
+subclass and one ``METHODS.register`` line (see docs/design.md §14): the loop,
 the command line, ``compare`` and ``reproduce`` read everything else from the method itself.
 """
 

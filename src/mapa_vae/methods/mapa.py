@@ -7,7 +7,7 @@ training, a parametric prior is fitted to the codes (App. C.3): the copula prior
 a flow or mixture for ``L > 1``.
 
 Two entries are not fixed tables but trained proposals, :class:`LearnedPosterior`
-(``learned-nvil``, ``learned-vimco``; issue 13's thesis test): the model then carries the
+(``learned-nvil``, ``learned-vimco``; the learned-proposal test): the model then carries the
 proposal's parameters as its ``index_proposal`` submodule (so the loop's optimizer trains them)
 and the objective is :class:`~mapa_vae.inference.learned_proposal.LearnedMAPA`, the same bound
 with ``q_φ(i | x_n)`` in place of the kernel's ``q(i | n)``.
