@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,6 +31,7 @@ from ..models.latent import Decoder, LatentVariableModel, StandardNormal
 __all__ = [
     "DEFAULT_GRID",
     "KLEstimate",
+    "Proposal",
     "importance_log_likelihood",
     "log_likelihood",
     "quadrature_log_likelihood",
@@ -94,6 +96,36 @@ def _proposal(model: LatentVariableModel, x: Tensor, code_scale: float) -> Distr
 
 
 
+class Proposal:
+    """``r(z | x) = (1 - a) q(z | x) + a p(z)`` for a batch of ``B`` points.
+
+    ``local`` has batch shape ``(B,)`` and event ``(L,)``; ``prior`` is ``p(z)``, event ``(L,)``.
+    """
+
+    def __init__(self, local: Distribution, prior: Distribution, defensive: float,
+                 prior_draws: Callable[[int], Tensor] | None = None) -> None:
+        if not 0.0 < defensive < 1.0:
+            raise ValueError(f"defensive weight must lie in (0, 1), got {defensive}")
+        self.local, self.prior, self.defensive = local, prior, defensive
+        self.prior_draws = prior_draws or (lambda n: self.prior.sample((n,)))
+
+    def sample(self, n: int) -> Tensor:
+        """``n`` draws per point, ``(n, B, L)``: the prior's share drawn from the prior only
+        (through ``prior_draws``, ``n ↦ (n, L)`` fresh draws of ``p``)."""
+        z = self.local.sample((n,))  # (n, B, L)
+        pick = torch.rand(z.shape[:-1], device=z.device) < self.defensive  # (n, B)
+        count = int(pick.sum())
+        if count:
+            z[pick] = self.prior_draws(count).to(z)
+        return z
+
+    def log_prob(self, z: Tensor, log_p_z: Tensor) -> Tensor:
+        """``log r(z | x)`` ``(n, B)`` of ``z`` ``(n, B, L)``, given ``log p(z)`` ``(n, B)``."""
+        return torch.logaddexp(math.log1p(-self.defensive) + self.local.log_prob(z),
+                               math.log(self.defensive) + log_p_z)
+
+
+
 @torch.no_grad()
 def importance_log_likelihood(
     model: LatentVariableModel, x: Tensor, samples: int = 1000, code_scale: float = 0.1,
@@ -111,14 +143,11 @@ def importance_log_likelihood(
     out = []
     for i in range(0, x.shape[0], chunk):
         xb = x[i : i + chunk]
-        q, p = _proposal(m, xb, code_scale), m.prior()
-        z = q.sample((samples,))  # (S, b, L)
-        pick = torch.rand(samples, xb.shape[0], device=x.device) < defensive  # (S, b)
-        if pick.any():  # draw the prior's share only: sampling a flow prior is the costly part
-            z[pick] = p.sample((int(pick.sum()),)).to(z)
+        p = m.prior()
+        r = Proposal(_proposal(m, xb, code_scale), p, defensive)
+        z = r.sample(samples)  # (S, b, L)
         log_p_z = p.log_prob(z)  # (S, b)
-        log_r = torch.logaddexp(math.log1p(-defensive) + q.log_prob(z), math.log(defensive) + log_p_z)
-        log_w = m.decoder(z).log_prob(xb) + log_p_z - log_r  # (S, b)
+        log_w = m.decoder(z).log_prob(xb) + log_p_z - r.log_prob(z, log_p_z)  # (S, b)
         out.append(torch.logsumexp(log_w, 0) - math.log(samples))
     return torch.cat(out).cpu()
 

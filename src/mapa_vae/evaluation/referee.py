@@ -42,7 +42,7 @@ reported, are the check.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,7 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 from tqdm.auto import tqdm
 
 from ..models.latent import LatentVariableModel, StandardNormal
-from .likelihood import DEFAULT_GRID, _device, _float64, quadrature_log_likelihood
+from .likelihood import DEFAULT_GRID, Proposal, _device, _float64, quadrature_log_likelihood
 
 __all__ = [
     "INFLATIONS",
@@ -135,36 +135,6 @@ class Candidate:
             return f"N(g(x), diag w²), w = {self.width:g} σ = ({w})"
         return (f"{self.beta:g} N(g(x), diag w²) + {1 - self.beta:g} Σ over the top {top} atoms "
                 f"π_j N(z_j, diag w²), w = {self.width:g} σ = ({w})")
-
-
-
-class Proposal:
-    """``r(z | x) = (1 - a) q(z | x) + a p(z)`` for a batch of ``B`` points.
-
-    ``local`` has batch shape ``(B,)`` and event ``(L,)``; ``prior`` is ``p(z)``, event ``(L,)``.
-    """
-
-    def __init__(self, local: Distribution, prior: Distribution, defensive: float,
-                 prior_draws: Callable[[int], Tensor] | None = None) -> None:
-        if not 0.0 < defensive < 1.0:
-            raise ValueError(f"defensive weight must lie in (0, 1), got {defensive}")
-        self.local, self.prior, self.defensive = local, prior, defensive
-        self.prior_draws = prior_draws or (lambda n: self.prior.sample((n,)))
-
-    def sample(self, n: int) -> Tensor:
-        """``n`` draws per point, ``(n, B, L)``: the prior's share drawn from the prior only
-        (through ``prior_draws``, ``n ↦ (n, L)`` fresh draws of ``p``)."""
-        z = self.local.sample((n,))  # (n, B, L)
-        pick = torch.rand(z.shape[:-1], device=z.device) < self.defensive  # (n, B)
-        count = int(pick.sum())
-        if count:
-            z[pick] = self.prior_draws(count).to(z)
-        return z
-
-    def log_prob(self, z: Tensor, log_p_z: Tensor) -> Tensor:
-        """``log r(z | x)`` ``(n, B)`` of ``z`` ``(n, B, L)``, given ``log p(z)`` ``(n, B)``."""
-        return torch.logaddexp(math.log1p(-self.defensive) + self.local.log_prob(z),
-                               math.log(self.defensive) + log_p_z)
 
 
 
