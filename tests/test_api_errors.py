@@ -155,3 +155,13 @@ def test_ctrl_c_while_importing_is_one_line(tmp_path):
     assert err.splitlines() == ["mapa-vae: interrupted while starting"], err
     assert p.returncode == 130 and out == ""
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_train_refuses_resume_with_overwrite_before_any_work(tmp_path):
+    """The Python API keeps the command line's rule: the two flags contradict each other, and the
+    run folder is not created."""
+    cfg = TrainConfig(data="circle", method="vae", epochs=1, restarts=1, n_train=100, n_val=20,
+                      n_test=20, hidden=(8,), threads=1)
+    with pytest.raises(MapaError, match="--resume and --overwrite contradict"):
+        train(cfg, tmp_path / "run", progress=False, resume=True, overwrite=True)
+    assert not (tmp_path / "run").exists()

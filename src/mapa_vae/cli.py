@@ -178,11 +178,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _check_run_flags(args: argparse.Namespace, cfg: TrainConfig) -> None:
-    """``--resume`` with ``--overwrite``, a TensorBoard folder that cannot be used and sizes
-    that cannot fit, refused before any work."""
-    if args.resume and args.overwrite:
-        raise MapaError("--resume and --overwrite contradict each other: --resume continues the "
-                        "run in --out, --overwrite replaces it; give one")
+    """A TensorBoard folder that cannot be used and sizes that cannot fit, refused before any
+    work (``train`` itself refuses ``--resume`` with ``--overwrite``)."""
     if cfg.tensorboard is not None:
         check_tensorboard(cfg.tensorboard)
     shape = data_shape(cfg.data, cfg.n_train)

@@ -53,7 +53,7 @@ from ..data.dataset import Dataset
 from ..data.images import IMAGE_DATASETS
 from ..data.loading import load_dataset
 from ..data.memory import check_train_memory
-from ..errors import NoUsableModel
+from ..errors import MapaError, NoUsableModel
 from ..evaluation.likelihood import test_kl
 from ..methods.base import Method
 from ..models.latent import LatentVariableModel
@@ -93,6 +93,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = 
     (without either, a folder holding a run is refused). Raises :class:`NoUsableModel`, after
     writing the run, when no usable model came out.
     """
+    if resume and overwrite:
+        raise MapaError("--resume and --overwrite contradict each other: --resume continues the "
+                        "run in --out, --overwrite replaces it; give one")
     method: Method = METHODS[cfg.method]
     method.check(cfg)
     say = _announcer(progress, f"{cfg.method} {cfg.data}")
