@@ -34,7 +34,8 @@ def _has_tiny(script: Path) -> bool:
 
 
 def test_there_are_benchmarks() -> None:
-    assert {"passes.py", "posterior.py", "sbn.py", "vae_dgp.py", "learned_proposal.py"} <= {
+    assert {"passes.py", "posterior.py", "sbn.py", "vae_dgp.py", "learned_proposal.py",
+            "whole_train.py"} <= {
         p.name for p in SCRIPTS}
 
 
