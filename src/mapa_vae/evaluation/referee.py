@@ -26,7 +26,10 @@ local part ``q_c`` chosen among candidates ``c``:
   ``σ`` is the prior's and ``β = 1``.
 
 Each candidate is scored by a pilot estimate (``pilot_samples`` draws on up to ``pilot_points``
-of the points being scored), and the highest mean picks the proposal. The final estimate uses
+of the points being scored), and the highest mean picks the proposal. With more than ``finalists``
+candidates (a deterministic encoder's 20) the pilot runs in two rounds: every candidate with a
+quarter of the draws, then the ``finalists`` best of them with all ``pilot_samples``: 0.45 of
+the draws of one round over all 20. The final estimate uses
 fresh draws, so it is a proper importance-sampling estimate of a proposal chosen independently of
 them: a lower bound in expectation whatever was chosen, and choosing the highest is choosing the
 tightest. The proposal density is a mixture evaluated exactly (log-sum-exp over components).
@@ -37,10 +40,18 @@ the pilot's weight variance at the chosen proposal. A pilot of a few dozen draws
 the variance of heavy-tailed weights (a proposal far narrower than the posterior: measured
 0.6 nats realized against a 0.2 target), so the per-point errors of the final draws, which are
 reported, are the check.
+
+The cost is the decoder and the prior's log-density at every draw: the prior is evaluated at the
+precision it was trained in (a flow fitted in float32 scores a draw in 0.7 of the time and
+samples one in 0.6; its rounding, about 1e-6 nats, enters the target and the proposal alike), the
+decoder and every sum in float64. Memory is bounded in bytes: a block of draws holds at most
+``block_bytes`` of decoder outputs, and the atoms are decoded a block at a time for the table,
+so the working memory does not grow with the number of points or atoms.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +65,7 @@ from ..models.latent import LatentVariableModel, StandardNormal
 from .likelihood import DEFAULT_GRID, Proposal, _device, _float64, quadrature_log_likelihood
 
 __all__ = [
+    "BLOCK_BYTES",
     "INFLATIONS",
     "TARGET_STDERR",
     "WIDTHS",
@@ -76,6 +88,10 @@ downward bias, about ``se² / 2``, is near 0.02 nats per point for every model a
 
 INFLATIONS = (1.0, 1.5, 2.0, 3.0)
 """Scale factors ``c`` of a distribution encoder's second component (1: ``q`` alone)."""
+
+BLOCK_BYTES = 2**25
+"""Bytes of float64 decoder outputs in one block of draws (or of decoded atoms): 32 MiB, about
+5 000 draws of a 784-pixel image; the block's other tensors are a few times this."""
 
 
 
@@ -105,6 +121,21 @@ class Estimate:
     def mc_stderr_of_mean(self) -> float:
         """The Monte Carlo standard error of the mean for these points: ``√(Σ se_i²) / n``."""
         return float(self.stderr.square().sum().sqrt() / self.values.numel())
+
+    def split(self, *sizes: int) -> list[Estimate]:
+        """The estimates of consecutive groups of ``sizes`` points (summing to ``B``), each with
+        this ``how``: one referee call scores several splits with one pilot and atom table.
+
+        >>> est = Estimate(torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3), "exact")
+        >>> [e.values.tolist() for e in est.split(1, 2)]
+        [[1.0], [2.0, 3.0]]
+        """
+        if sum(sizes) != self.values.numel():
+            raise ValueError(f"sizes {sizes} do not add up to {self.values.numel()} points")
+        parts = zip(self.values.split(sizes), self.stderr.split(sizes),
+                    self.empirical.split(sizes) if self.empirical is not None else [None] * len(sizes),
+                    strict=True)
+        return [Estimate(v, e, self.how, emp) for v, e, emp in parts]
 
     def metrics(self, split: str) -> dict[str, float | str]:
         """A run's record of it: ``{split}_log_lik``, its two standard errors, how it was
@@ -138,17 +169,28 @@ class Candidate:
 
 
 
-class _PriorPool:
-    """Fresh draws of the prior, sampled ``size`` at a time: a flow's inverse costs nearly the
-    same per call for few draws as for many, and every draw is handed out once."""
+class _Prior:
+    """``p(z)`` at the precision its module holds (a flow fitted in float32 scores and samples in
+    float32), taking and giving float64: ``log_prob`` ``(...,)`` of ``z`` ``(..., L)`` and fresh
+    draws ``n ↦ (n, L)``, sampled ``size`` at a time from a pool (a flow's inverse costs nearly the
+    same per call for few draws as for many; every draw is handed out once)."""
 
-    def __init__(self, prior: Distribution, size: int = 4096) -> None:
-        self.prior, self.size = prior, size
+    def __init__(self, prior: torch.nn.Module, device: torch.device, size: int = 4096) -> None:
+        dtypes = [t.dtype for t in (*prior.parameters(), *prior.buffers()) if t.is_floating_point()]
+        self.dtype = dtypes[0] if dtypes else torch.float64  # no parameters: as the decoder
+        self.module = copy.deepcopy(prior).to(device, self.dtype).eval()
+        self.size = size
         self.pool: Tensor | None = None
+
+    def dist(self) -> Distribution:
+        return self.module()
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.module().log_prob(z.to(self.dtype)).to(torch.float64)
 
     def __call__(self, n: int) -> Tensor:
         if self.pool is None or self.pool.shape[0] < n:
-            fresh = self.prior.sample((max(n, self.size),))
+            fresh = self.module().sample((max(n, self.size),)).to(torch.float64)
             self.pool = fresh if self.pool is None else torch.cat([self.pool, fresh])
         out, self.pool = self.pool[:n], self.pool[n:]
         return out
@@ -168,54 +210,51 @@ class Referee:
 
     ``train``: the training data, whose codes are the atoms of a deterministic encoder (and give
     ``σ`` and the exact empiricalized log-likelihood); ``samples``: ``K`` final draws per point;
-    ``top``: atoms per point ``m``; ``defensive``: the prior's weight ``a``; ``chunk``: draws ×
-    points per decoder call; ``candidates``: the local proposals to choose among (default: the
-    module docstring's); ``target_stderr``: if given, ``K`` is the fewest draws (from
-    ``min_samples`` to ``samples``) that meet this per-point standard error by the pilot's
+    ``top``: atoms per point ``m``; ``defensive``: the prior's weight ``a``; ``block_bytes``: the
+    float64 decoder outputs one block of draws may hold (:data:`BLOCK_BYTES`); ``candidates``: the
+    local proposals to choose among (default: the module docstring's); ``finalists``: how many of
+    them the pilot's second round keeps; ``target_stderr``: if given, ``K`` is the fewest draws
+    (from ``min_samples`` to ``samples``) that meet this per-point standard error by the pilot's
     variance (draws independent of the final ones, so the estimate stays a proper one). Works in
-    float64 on a copy of the model.
+    float64 on a copy of the model (the prior at its own precision).
     """
 
     def __init__(self, model: LatentVariableModel, train: Tensor | None = None, samples: int = 1000,
                  top: int = 5, defensive: float = 0.1, pilot_samples: int = 32,
-                 pilot_points: int = 32, chunk: int = 2**13,
-                 candidates: Sequence[Candidate] | None = None, target_stderr: float | None = None,
-                 min_samples: int = 100) -> None:
-        if samples < 1 or pilot_samples < 1 or pilot_points < 1 or top < 1:
-            raise ValueError("samples, pilot_samples, pilot_points and top must be positive")
+                 pilot_points: int = 32, block_bytes: int = BLOCK_BYTES,
+                 candidates: Sequence[Candidate] | None = None, finalists: int = 4,
+                 target_stderr: float | None = None, min_samples: int = 100) -> None:
+        if samples < 1 or pilot_samples < 1 or pilot_points < 1 or top < 1 or finalists < 1:
+            raise ValueError("samples, pilot_samples, pilot_points, top and finalists must be positive")
         self.model = _float64(model)
         self.device = _device(self.model, train if train is not None else torch.zeros(()))
         self.samples, self.top, self.defensive = samples, top, defensive
-        self.pilot_samples, self.pilot_points, self.chunk = pilot_samples, pilot_points, chunk
+        self.pilot_samples, self.pilot_points, self.finalists = pilot_samples, pilot_points, finalists
         self.fixed = None if candidates is None else list(candidates)
         self.target_stderr, self.min_samples = target_stderr, min_samples
-        self._pool = _PriorPool(self.model.prior())
-        probe = self.model.encoder(torch.zeros(1, self._data_dim(train), dtype=torch.float64,
-                                               device=self.device))
+        self.prior = _Prior(model.prior, self.device)
+        out_dim = int(self.model.decoder.net(torch.zeros(1, self.model.latent_dim, dtype=torch.float64,
+                                                         device=self.device)).shape[-1])
+        self.elements = max(out_dim, block_bytes // 8)  # float64 values in a block
+        self.block = self.elements // out_dim  # draws × points (or atoms) per block
+        data_dim = train.shape[-1] if train is not None else out_dim
+        probe = self.model.encoder(torch.zeros(1, data_dim, dtype=torch.float64, device=self.device))
         self.deterministic = not isinstance(probe, Distribution)
         # a mean-field Gaussian q can be widened; any other distribution is used as it is
         self.inflatable = isinstance(probe, Independent) and isinstance(probe.base_dist, Normal)
         self.codes: Tensor | None = None  # (N, L) atoms
-        self.params: Tensor | None = None  # (N, D') decoder outputs of the atoms
         self.sigma: Tensor | None = None  # (L,) the codes' scale
         if self.deterministic:
             with torch.no_grad():
-                if train is not None:
-                    atoms = train.to(self.device, torch.float64)
-                    self.codes = torch.cat([self.model.encoder(a) for a in atoms.split(4096)])
-                    self.params = torch.cat([self.model.decoder.net(z) for z in self.codes.split(4096)])
+                if train is not None:  # converted a block at a time: no float64 copy of all of it
+                    self.codes = torch.cat([self.model.encoder(a.to(self.device, torch.float64))
+                                            for a in train.split(self.block)])
                 # the larger of the codes' and the prior's scale: a posterior can be as wide as
                 # the prior where the decoder barely depends on z
-                sigma = self.model.prior().sample((1024,)).std(0)
+                sigma = self.prior.dist().sample((1024,)).to(torch.float64).std(0)
                 if self.codes is not None and self.codes.shape[0] > 1:
                     sigma = torch.maximum(sigma, self.codes.std(0))
                 self.sigma = sigma.clamp_min(1e-6)
-
-    def _data_dim(self, train: Tensor | None) -> int:
-        if train is not None:
-            return train.shape[-1]
-        return int(self.model.decoder.net(torch.zeros(1, self.model.latent_dim, dtype=torch.float64,
-                                                      device=self.device)).shape[-1])
 
     def candidates(self) -> list[Candidate]:
         """The local proposals the pilot chooses among."""
@@ -229,25 +268,36 @@ class Referee:
     @torch.no_grad()
     def empirical(self, x: Tensor) -> Tensor | None:
         """The exact empiricalized ``log (1/N) Σ_i p(x | f(z_i))`` ``(B,)``, None without atoms."""
-        if self.params is None:
+        if self.codes is None:
             return None
         return self._atoms(x.to(self.device, torch.float64))[0].cpu()
 
     def _atoms(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Empiricalized ``log p(x)`` ``(B,)``, the top ``m`` atoms' log-likelihoods ``(B, m)``
-        and their codes ``(B, m, L)``."""
-        assert self.params is not None and self.codes is not None
+        and their codes ``(B, m, L)``: the atoms decoded a block at a time, a running
+        log-sum-exp and a running top ``m``."""
+        assert self.codes is not None
         lik = self.model.decoder.likelihood
-        n = self.params.shape[0]
-        rows = max(1, 2**22 // n)
-        empirical, top_v, top_z = [], [], []
-        for xb in x.split(rows):
-            log_k = lik.pairwise_log_prob(self.params, xb)  # (b, N)
-            empirical.append(torch.logsumexp(log_k, -1) - math.log(n))
-            v, i = log_k.topk(min(self.top, n), -1)  # (b, m)
-            top_v.append(v)
-            top_z.append(self.codes[i])  # (b, m, L)
-        return torch.cat(empirical), torch.cat(top_v), torch.cat(top_z)
+        n = self.codes.shape[0]
+        lse = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+        top_v = torch.empty(x.shape[0], 0, dtype=torch.float64, device=x.device)
+        top_i = torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
+        for start in range(0, n, self.block):
+            params = self.model.decoder.net(self.codes[start : start + self.block])  # (c, D')
+            rows = max(1, self.elements // params.shape[0])  # log_k no larger than params
+            new_v, new_i = [], []
+            for r in range(0, x.shape[0], rows):
+                log_k = lik.pairwise_log_prob(params, x[r : r + rows])  # (b, c)
+                lse[r : r + rows] = torch.logaddexp(lse[r : r + rows], torch.logsumexp(log_k, -1))
+                # the best m of this block's atoms and of the earlier blocks' best m
+                v, i = log_k.topk(min(self.top, log_k.shape[1]), -1)
+                v = torch.cat([top_v[r : r + rows], v], 1)  # (b, m' + m)
+                i = torch.cat([top_i[r : r + rows], i + start], 1)
+                v, j = v.topk(min(self.top, v.shape[1]), -1)
+                new_v.append(v)
+                new_i.append(i.gather(1, j))
+            top_v, top_i = torch.cat(new_v), torch.cat(new_i)  # (B, m)
+        return lse - math.log(n), top_v, self.codes[top_i]  # (B,), (B, m), (B, m, L)
 
     def _local(self, x: Tensor, cand: Candidate, atoms: tuple[Tensor, Tensor] | None) -> Distribution:
         """``q_c(z | x)`` for the points ``x`` ``(B, D)``; ``atoms``: their top atoms (log-lik,
@@ -273,19 +323,22 @@ class Referee:
                             math.log1p(-cand.beta) + torch.log_softmax(top_v, -1)], 1)  # (B, 1+m)
         return _gaussian_mixture(logits, loc, w.expand_as(loc))
 
+    def proposal(self, x: Tensor, cand: Candidate, atoms: tuple[Tensor, Tensor] | None) -> Proposal:
+        """``r(z | x) = (1 - a) q_c(z | x) + a p(z)`` for the points ``x`` ``(B, D)``."""
+        return Proposal(self._local(x, cand, atoms), self.prior.dist(), self.defensive, self.prior)
+
     def _log_weights(self, x: Tensor, cand: Candidate, atoms: tuple[Tensor, Tensor] | None,
                      n: int) -> Tensor:
         """``log w`` ``(n, B)`` of ``n`` fresh draws per point of ``x`` ``(B, D)``."""
-        prior = self.model.prior()
-        r = Proposal(self._local(x, cand, atoms), prior, self.defensive, self._pool)
+        r = self.proposal(x, cand, atoms)
         z = r.sample(n)  # (n, B, L)
-        log_p_z = prior.log_prob(z)  # (n, B)
+        log_p_z = self.prior.log_prob(z)  # (n, B), computed once for the target and r
         return self.model.decoder(z).log_prob(x) + log_p_z - r.log_prob(z, log_p_z)
 
     def _blocks(self, n_points: int, n: int) -> Iterator[tuple[slice, int]]:
-        """(rows, draws) blocks of at most ``chunk`` draws × points covering ``n`` draws of each."""
-        draws = min(n, self.chunk)
-        rows = max(1, self.chunk // draws)
+        """(rows, draws) blocks of at most ``block`` draws × points covering ``n`` draws of each."""
+        draws = min(n, self.block)
+        rows = max(1, self.block // draws)
         for i in range(0, n_points, rows):
             for j in range(0, n, draws):
                 yield slice(i, min(i + rows, n_points)), min(draws, n - j)
@@ -311,15 +364,36 @@ class Referee:
         """The rows of a batch of ``n`` points the pilot scores: up to ``pilot_points``, evenly spread."""
         return torch.linspace(0, n - 1, min(self.pilot_points, n)).round().long()
 
+    def _screen_samples(self) -> int:
+        """Draws per candidate in the pilot's first round (0: one round)."""
+        many = len(self.candidates()) > self.finalists
+        return max(1, self.pilot_samples // 4) if many and self.pilot_samples >= 8 else 0
+
+    def _pilot_draws(self, n_points: int) -> int:
+        """Draws the pilot takes over a batch of ``n_points`` points."""
+        n_cands = len(self.candidates())
+        if n_cands == 1 and self.target_stderr is None:
+            return 0
+        screen = self._screen_samples()
+        rounds = n_cands * screen + min(n_cands, self.finalists) * self.pilot_samples if screen else (
+            n_cands * self.pilot_samples)
+        return rounds * self._pilot_rows(n_points).numel()
+
     def _choose(self, x: Tensor, atoms: tuple[Tensor, Tensor] | None,
                 bar: tqdm | None = None) -> tuple[Candidate, float | None]:
         """The candidate with the highest pilot score, and the pilot's mean per-draw variance of
-        its normalized weights (None when no pilot ran)."""
+        its normalized weights (None when no pilot ran). With more than ``finalists`` candidates,
+        a first round of a quarter of the draws keeps the ``finalists`` best for the second."""
         cands = self.candidates()
         if len(cands) == 1 and self.target_stderr is None:
             return cands[0], None
         rows = self._pilot_rows(x.shape[0])
         sub = None if atoms is None else (atoms[0][rows], atoms[1][rows])
+        screen = self._screen_samples()
+        if screen:
+            first = [float(self._estimate(x[rows], c, sub, screen, bar)[0].mean()) for c in cands]
+            keep = sorted(sorted(range(len(cands)), key=lambda i: -first[i])[: self.finalists])
+            cands = [cands[i] for i in keep]
         pilots = [self._estimate(x[rows], c, sub, self.pilot_samples, bar) for c in cands]
         best = max(range(len(cands)), key=lambda i: float(pilots[i][0].mean()))
         return cands[best], float(pilots[best][1].square().mean()) * self.pilot_samples
@@ -336,7 +410,7 @@ class Referee:
     def _prepare(self, x: Tensor) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor] | None]:
         """``x`` in float64 where the model is, its empiricalized log-likelihood and top atoms."""
         x = x.to(self.device, torch.float64)
-        if self.params is None:
+        if self.codes is None:
             return x, None, None
         empirical, top_v, top_z = self._atoms(x)
         return x, empirical, (top_v, top_z)
@@ -349,12 +423,11 @@ class Referee:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, progress: bool | None = None) -> Estimate:
-        """Estimate ``log p(x)`` for ``x`` ``(B, D)``; ``progress``: a tqdm bar (None: on a
-        terminal only)."""
+        """Estimate ``log p(x)`` for ``x`` ``(B, D)``; ``progress``: a tqdm bar over the draws
+        (None: on a terminal only)."""
         x, empirical, atoms = self._prepare(x)
         n_cands = len(self.candidates())
-        piloted = n_cands > 1 or self.target_stderr is not None
-        pilot = n_cands * self.pilot_samples * self._pilot_rows(x.shape[0]).numel() if piloted else 0
+        pilot = self._pilot_draws(x.shape[0])
         with tqdm(total=pilot + self.samples * x.shape[0], desc="log-likelihood", unit="draw",
                   unit_scale=True, leave=False, disable=None if progress is None else not progress) as bar:
             best, spread = self._choose(x, atoms, bar)
@@ -363,9 +436,11 @@ class Referee:
             values, stderr = self._estimate(x, best, atoms, k, bar)
         how = (f"importance sampling, K={k}, proposal {1 - self.defensive:g} "
                f"[{best.describe(self.sigma, self.top)}] + {self.defensive:g} p(z)")
-        if piloted:
+        if pilot:
             among = f"chosen among {n_cands} " if n_cands > 1 else ""
-            how += (f", {among}by a pilot of {self.pilot_samples} draws on "
+            rounds = (f"{self._screen_samples()} draws, then the best {self.finalists} by "
+                      if self._screen_samples() else "")
+            how += (f", {among}by a pilot of {rounds}{self.pilot_samples} draws on "
                     f"{self._pilot_rows(x.shape[0]).numel()} points")
         return Estimate(values.cpu(), stderr.cpu(), how,
                         None if empirical is None else empirical.cpu())

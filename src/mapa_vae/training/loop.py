@@ -302,8 +302,10 @@ def evaluate_final(method: Method, model: LatentVariableModel, data: Dataset, gr
     """Validation / test log-likelihood of the final model, and the test KL when known.
     ``progress``: the referee's progress bar (None: on a terminal only)."""
     t = time.perf_counter()
-    test = method.evaluate(model, data.test, grid, train=data.train, progress=progress)  # methods/base.py
-    val = method.evaluate(model, data.val, grid, train=data.train, progress=progress)
+    # one call for both splits: one pilot and one atom table (methods/base.py)
+    both = method.evaluate(model, torch.cat([data.test, data.val]), grid, train=data.train,
+                           progress=progress)
+    test, val = both.split(data.test.shape[0], data.val.shape[0])
     out: dict[str, Any] = {"val_log_lik": val.mean, **test.metrics("test")}
     if data.truth is not None:
         kl = test_kl(data.truth.model, model, data.test, grid, log_lik_model=test.values)
