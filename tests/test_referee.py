@@ -125,28 +125,32 @@ def test_one_dimensional_latent_matches_quadrature(mapa_model, vae_model, circle
         _check_close_and_below(est, exact, tolerance=0.1)
 
 
-def test_mixture_prior_matches_its_closed_form_and_the_empirical_sum_is_exact():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mixture_prior_matches_its_closed_form_and_the_empirical_sum_is_exact(dtype):
     """A 3-component Gaussian-mixture prior and a linear decoder: the marginal is a mixture of
-    Gaussians, ``Σ_k π_k N(x; W μ_k + b, W Σ_k Wᵀ + σ² I)``."""
+    Gaussians, ``Σ_k π_k N(x; W μ_k + b, W Σ_k Wᵀ + σ² I)``; the referee evaluates a float32
+    prior in float32 (as it was fitted) and is as close."""
     w, b = _linear(1)
-    prior = MixturePrior(L, components=3).double()
+    prior = MixturePrior(L, components=3).to(dtype)
     prior.logits.copy_(torch.tensor([0.0, -0.5, 0.3]))
     prior.loc.copy_(torch.tensor([[-3.0, 0.0], [3.0, 1.0], [0.0, -3.0]]))
     prior.scale_tril.copy_(0.4 * torch.eye(L).expand(3, -1, -1))
     model = _model(w, b, prior)
-    comps = MultivariateNormal(prior.loc @ w.T + b,
-                               w @ (prior.scale_tril @ prior.scale_tril.mT) @ w.T
+    loc, tril = prior.loc.double(), prior.scale_tril.double()
+    comps = MultivariateNormal(loc @ w.T + b, w @ (tril @ tril.mT) @ w.T
                                + NOISE * torch.eye(D, dtype=torch.float64))
-    log_pi = torch.log_softmax(prior.logits, 0)
+    log_pi = torch.log_softmax(prior.logits.double(), 0)
 
     def exact(x: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(log_pi + comps.log_prob(x[:, None]), -1)
 
     with torch.no_grad():
-        z = prior().sample((260,))
+        z = prior().sample((260,)).double()
         xs = model.decoder(z).sample()
     train, x = xs[:200], xs[200:]
-    est = Referee(model, train, samples=400)(x, progress=False)
+    referee = Referee(model, train, samples=400)
+    assert referee.prior.dtype == dtype
+    est = referee(x, progress=False)
     _check_close_and_below(est, exact(x), tolerance=0.1)
     # the empiricalized model over the 200 atoms, summed by brute force one atom at a time
     with torch.no_grad():
@@ -173,6 +177,42 @@ def test_estimates_are_below_the_truth_in_expectation():
     runs = [fixed(x, progress=False) for _ in range(40)]
     ratio = torch.stack([r.stderr for r in runs]).mean(0) / torch.stack([r.values for r in runs]).std(0)
     assert bool(((ratio > 0.6) & (ratio < 1.6)).all()), ratio
+
+
+def test_the_atom_table_a_block_at_a_time_equals_it_whole():
+    """Atoms decoded 7 at a time and scored 3 points at a time (a running log-sum-exp and a
+    running top m) give the table of one block: the same empiricalized values, top atoms and
+    codes; and the draws of a small block stay within it."""
+    w, b = _linear(6)
+    model = _model(w, b, StandardNormal(L))
+    marginal = _marginal(w, b)
+    train, x = marginal.sample((200,)), marginal.sample((20,))
+    whole, blocked = Referee(model, train), Referee(model, train, block_bytes=8 * D * 7)
+    assert blocked.block == 7 and whole.block >= 200
+    for a, c in zip(whole._atoms(x), blocked._atoms(x), strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    assert max(rows.stop - rows.start for rows, _ in blocked._blocks(20, 5)) * 5 <= 7
+    assert all(draws * (rows.stop - rows.start) <= 7 for rows, draws in blocked._blocks(20, 30))
+    est = blocked(x, progress=False)  # many small blocks: as close to the truth
+    _check_close_and_below(est, marginal.log_prob(x), tolerance=0.05)
+
+
+def test_the_pilots_first_round_keeps_the_best_candidates():
+    """The two-round pilot (20 candidates at a quarter of the draws, the best 4 at all of them)
+    takes 0.45 of one round's draws and picks a proposal whose final estimate is as high as the
+    one-round pilot's pick."""
+    w, b = _linear(7)
+    model = _model(w, b, StandardNormal(L))
+    marginal = _marginal(w, b)
+    train, x = marginal.sample((200,)), marginal.sample((40,))
+    two, one = Referee(model, train, samples=300), Referee(model, train, samples=300, finalists=20)
+    assert len(two.candidates()) == 20
+    assert two._pilot_draws(40) == (20 * 8 + 4 * 32) * 32 and one._pilot_draws(40) == 20 * 32 * 32
+    picks = [r.choose(x) for r in (two, one)]
+    fixed = [Referee(model, train, samples=2000, candidates=[c])(x, progress=False) for c in picks]
+    gap = fixed[0].mean - fixed[1].mean
+    assert gap > -4 * math.hypot(fixed[0].mc_stderr_of_mean, fixed[1].mc_stderr_of_mean), (picks, gap)
+    assert "then the best 4" in two(x, progress=False).how
 
 
 def test_proposal_density_integrates_to_one_and_matches_a_brute_force_sum():
