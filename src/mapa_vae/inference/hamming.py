@@ -6,32 +6,49 @@ of bits where ``x_n`` and ``x_i`` differ: an equal bit contributes ``log ρ``, a
 
     log k(x_n | x_i) = (D - h) log ρ + h log(1 - ρ),
 
-decreasing in ``h``. The table is then a search over bit-packed codes (faiss's popcount
-``hammings``, 64 bits an instruction, instead of a float64 matrix product over ``D``), and the
-normalizer and the leftover mass are sums over a per-row histogram of the ``D + 1`` possible
-distances, exact in log space. Ties are broken by index: row ``n`` stores the point itself
-first, then the others by increasing distance and, at equal distance, increasing index.
+decreasing in ``h``. The normalizer and the leftover mass are then sums over a per-row histogram
+of the ``D + 1`` possible distances, exact in log space, and the table keeps the ``K`` nearest:
+row ``n`` stores the point itself first, then the others by increasing distance and, at equal
+distance, increasing index. Two searches give the distances, integers either way, so the same
+table bit for bit:
+
+- ``"product"``: with ``u``, ``v`` the 0/1 codes of two points, ``h = |u| + |v| - 2 u·v``, one
+  int8 matrix product per tile (oneDNN's quantized linear layer: AMX tiles, integer
+  accumulation, exact); the per-row term rides in a few extra columns, so the product's output
+  is already the histogram key. About 2 ns a pair on one AMX core, several times faiss's;
+- ``"popcount"``: faiss's ``hammings`` on bit-packed codes, 64 bits an instruction.
+
+``method="auto"`` takes the product where the CPU has AMX tiles and the product reproduces a
+small exact case (:func:`product_available`, checked once), the popcount search elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MapaError
 from ..kernels import BernoulliKernel
 from .posterior import MapaPosterior
 
-__all__ = ["hamming_log_kernel", "hamming_top_k", "is_binary", "pack_bits"]
+__all__ = ["hamming_log_kernel", "hamming_top_k", "is_binary", "pack_bits", "product_available"]
 
 
-_BLOCK_ENTRIES = 1 << 22  # (b, N) distances per block: 16 MB of int32 stays in cache
+METHODS = ("auto", "product", "popcount")
+_BLOCK_ENTRIES = 1 << 22  # popcount: (b, N) int32 distances per block, 16 MB
+_PRODUCT_ROWS = 256  # product: rows per block; the (256, 2048) float32 tile stays in L2
+_PRODUCT_COLS = 2048  # product: atoms per tile
+_MAX_KEY = (1 << 15) - 1  # product: keys h + (D' + 1)(row mod g) are int16
+_DIGIT = 127  # extra columns carry the row term in digits ≤ 127 times weights ≤ 127 (no int16
+_DIGITS = 3  # saturation even in VNNI's pairwise sums); 3 digits of weight 127 reach 48 387 > _MAX_KEY
 
 _hammings = faiss.hammings  # type: ignore[attr-defined]  # (a, b, na, nb, bytes, out): all pairs
-
 
 
 def is_binary(x: Tensor) -> bool:
@@ -69,72 +86,219 @@ def hamming_top_k(
     dtype: torch.dtype = torch.float64,
     rows: tuple[int, int] | None = None,
     block_size: int | None = None,
+    method: str = "auto",
 ) -> MapaPosterior:
     """The exact top-``K`` table of ``q(i | n)`` for 0/1 ``data`` ``(N, D)`` under ``kernel``.
 
-    Each block of ``b`` rows gets its ``(b, N)`` Hamming distances from faiss (``hammings``, on
-    the CPU whatever the data's device), then per row: the histogram ``c_h`` of the distances
-    (the point itself counted at ``h = 0``), ``log Σ_j k = logsumexp_h(log c_h + log k(h))``, the
-    ``K`` nearest in the order (point itself, distance, index), and the leftover mass from the
-    histogram minus what was stored. Memory ``O(b · N + N · K)``; ``block_size`` defaults to
-    ``2²² / N`` rows. ``rows = (start, stop)`` computes only those rows.
+    Each block of ``b`` rows gets its Hamming distances to all ``N`` atoms (``method``: see the
+    module docstring; on the CPU whatever the data's device), then per row: the histogram
+    ``c_h`` of the distances (the point itself counted at ``h = 0``),
+    ``log Σ_j k = logsumexp_h(log c_h + log k(h))``, the ``K`` nearest in the order (point itself,
+    distance, index), and the leftover mass from the histogram minus what was stored. Memory
+    ``O(b · N + N · K)``; ``block_size`` defaults to 256 rows (product) or ``2²² / N`` rows
+    (popcount). ``rows = (start, stop)`` computes only those rows.
 
     >>> x = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
     >>> post = hamming_top_k(x, BernoulliKernel(0.9), 2)
     >>> post.index.tolist()  # ties at distance 1 go to the smaller index; 3 duplicates 0
     [[0, 3], [1, 0], [2, 0], [3, 0]]
     """
+    if method not in METHODS:
+        raise MapaError(f"unknown Hamming search method {method!r}; known: {', '.join(METHODS)}")
     n, d = data.shape[0], data[0].numel()
     start, stop = (0, n) if rows is None else rows
-    codes = pack_bits(_varying_columns(data.reshape(n, d).detach().to("cpu").numpy() != 0))
+    bits = _varying_columns(data.reshape(n, d).detach().to("cpu").numpy() != 0)
+    if method == "auto":
+        method = "product" if product_available() and bits.shape[1] < _MAX_KEY // 2 else "popcount"
+    if method == "product" and not product_available():
+        raise MapaError("the Hamming search by int8 product needs AMX tiles and oneDNN's quantized "
+                        "linear layer; use method='popcount'")
     log_k = hamming_log_kernel(kernel, d)  # (D+1,), at the full D: a dropped column is an equal bit
-    b = block_size or max(1, _BLOCK_ENTRIES // max(n, 1))
     log_q = torch.empty(stop - start, k_keep, dtype=dtype)
     index = torch.empty(stop - start, k_keep, dtype=torch.int64)
     log_rest = torch.full((stop - start,), -math.inf, dtype=dtype)
+    search = _product_blocks if method == "product" else _popcount_blocks
+    for lo, count, cand in search(bits, start, stop, k_keep, block_size):
+        out = slice(lo - start, lo - start + count.shape[0])
+        index[out], log_q[out], log_rest[out] = _table_rows(count, cand, lo, n, k_keep, log_k)
+    return MapaPosterior(log_q, index, log_rest)
+
+
+# A block's result: its first row, the histogram (m, D'+1) int64 of each row's distances, and the
+# candidates (row in block, atom, distance): every pair within its row's K-th distance, each row's
+# atoms in increasing order.
+_Block = tuple[int, Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _kth_distance(count: Tensor, k_keep: int) -> Tensor:
+    """``(m,)``: the distance of each row's ``K``-th nearest, from its histogram ``(m, bins)``."""
+    return (count.cumsum(1) < k_keep).sum(1)
+
+
+def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], lo: int, n: int,
+                k_keep: int, log_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Indices ``(m, K)``, ``log q`` ``(m, K)`` and ``log_rest`` ``(m,)`` (float64) of rows ``lo …``
+    from their histograms ``count`` ``(m, D'+1)`` and candidates (see ``_Block``).
+
+    ``log k`` is affine in ``h`` with slope ``s < 0``, so a row's mass over its histogram is
+    ``Σ_h c_h k(h) = k(h₀) Σ_j c_{h₀+j} w_j`` with ``w_j = e^{s j} ≤ 1`` and ``h₀`` the row's
+    first nonzero bin: one matrix-vector product, all terms positive and the first one at least
+    1, so the sum is accurate to rounding and never underflows (``h₀ = 0`` for the normalizer,
+    the point itself; the first bin of the leftover for the rest). Weights below the smallest
+    normal float are dropped: relative to the first term they are below ``2⁻¹⁰²²``."""
+    m, bins = count.shape
+    cum = count.cumsum(1)  # (m, D'+1)
+    k_col = torch.full((m, 1), k_keep, dtype=cum.dtype)
+    last = torch.searchsorted(cum, k_col)[:, 0]  # (m,): the distance of each row's K-th entry
+    per_row = cum.gather(1, last[:, None])[:, 0]  # (m,): candidates of each row
+    # one sort of (row, distance + 1, atom) packed in an int64, the point itself at distance slot
+    # 0, orders every row as stored
+    r, c, h = cand
+    sn = n.bit_length()
+    sh = sn + bins.bit_length()
+    slot = h.astype(np.int64) + 1
+    slot[c == r + lo] = 0
+    key = (r << sh) | (slot << sn) | c
+    key.sort()
+    take = torch.from_numpy(key)[(torch.cumsum(per_row, 0) - per_row)[:, None] + torch.arange(k_keep)]
+    stored = ((take >> sn) & ((1 << (sh - sn)) - 1)).sub_(1).clamp_(min=0)  # (m, K) distances
+    w = torch.exp(log_k - log_k[0])
+    w = w[: min(bins, int((w >= torch.finfo(torch.float64).tiny).sum()))]  # (W,)
+    log_norm = log_k[0] + torch.log(count[:, : len(w)].double() @ w)  # (m,)
+    log_q = log_k[stored] - log_norm[:, None]
+    log_rest = torch.full((m,), -math.inf, dtype=torch.float64)
+    if k_keep < n:
+        # the leftover's first nonzero bin: the first where the cumulative count passes K
+        first = torch.searchsorted(cum, k_col, right=True)  # (m, 1)
+        window = torch.nn.functional.pad(count, (0, len(w))).gather(1, first + torch.arange(len(w)))
+        window[:, 0] = cum.gather(1, first)[:, 0] - k_keep  # (m, W): what is left at h₀ + j
+        log_rest = log_k[first[:, 0]] + torch.log(window.double() @ w) - log_norm
+    return take & ((1 << sn) - 1), log_q, log_rest
+
+
+def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int,
+                     block_size: int | None) -> Iterator[_Block]:
+    """Blocks of rows by faiss's popcount ``hammings``: ``(b, N)`` int32 distances at a time."""
+    n, bins = bits.shape[0], bits.shape[1] + 1
+    codes = pack_bits(bits)
+    b = block_size or max(1, _BLOCK_ENTRIES // max(n, 1))
     dis = np.empty((min(b, max(stop - start, 0)), n), dtype=np.int32)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(torch.get_num_threads())  # the run's --threads, as torch's ops
     try:
         for lo in range(start, stop, b):
-            hi = min(lo + b, stop)
-            _hammings(faiss.swig_ptr(codes[lo:hi]), faiss.swig_ptr(codes), hi - lo, n, codes.shape[1],
-                      faiss.swig_ptr(dis))  # (b, N) int32
-            rows_lo = slice(lo - start, hi - start)
-            index[rows_lo], log_q[rows_lo], log_rest[rows_lo] = _block_top_k(
-                dis[: hi - lo], lo, k_keep, log_k, dtype)
+            m = min(lo + b, stop) - lo
+            _hammings(faiss.swig_ptr(codes[lo:lo + m]), faiss.swig_ptr(codes), m, n, codes.shape[1],
+                      faiss.swig_ptr(dis))  # (m, N) int32
+            block = torch.from_numpy(dis[:m])
+            shift = (torch.arange(m, dtype=torch.int32) * bins)[:, None]
+            count = torch.bincount((block + shift).view(-1), minlength=m * bins).view(m, bins)
+            last = _kth_distance(count, k_keep).numpy().astype(np.int32)
+            flat = np.flatnonzero(dis[:m] <= last[:, None])  # (row, atom) order
+            yield lo, count, (*np.divmod(flat, n), dis[:m].reshape(-1)[flat])
     finally:
         faiss.omp_set_num_threads(threads)
-    return MapaPosterior(log_q, index, log_rest)
 
 
-def _block_top_k(dis: np.ndarray, lo: int, k_keep: int, log_k: Tensor,
-                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Indices ``(m, K)``, ``log q`` ``(m, K)`` and ``log_rest`` ``(m,)`` of rows ``lo …`` from
-    their Hamming distances ``dis`` ``(m, N)`` (int32) to every atom."""
-    m, n = dis.shape
-    bins = log_k.shape[0]  # D + 1 distances
-    count = torch.stack([torch.bincount(row, minlength=bins) for row in torch.from_numpy(dis)])
-    cum = count.cumsum(1)  # (m, D+1)
-    last = (cum < k_keep).sum(1)  # (m,): the distance of each row's K-th stored entry
-    # candidates: every pair within its row's last distance, in (row, atom) order (numpy's
-    # broadcast compare and flatnonzero are ~10x torch's here)
-    flat = torch.from_numpy(np.flatnonzero(dis <= last.numpy().astype(np.int32)[:, None]))
-    r, c = flat // n, flat % n
-    h = torch.from_numpy(dis.reshape(-1)[flat.numpy()]).long()
-    key = r * (bins + 1) + h + 1  # sorted by (row, distance); the point itself before all
-    key = torch.where(c == r + lo, r * (bins + 1), key)
-    order = torch.sort(key, stable=True).indices  # stable: equal distances keep c ascending
-    per_row = cum.gather(1, last[:, None])[:, 0]  # (m,): candidates of each row
-    take = order[((torch.cumsum(per_row, 0) - per_row)[:, None] + torch.arange(k_keep))]  # (m, K)
-    log_norm = torch.logsumexp(count.double().log() + log_k, 1)  # (m,)
-    log_q = (log_k[h[take]] - log_norm[:, None]).to(dtype)
-    log_rest = torch.full((m,), -math.inf, dtype=dtype)
-    if k_keep < n:
-        picked = torch.where(torch.arange(bins) < last[:, None], count, 0)  # (m, D+1)
-        picked[torch.arange(m), last] = k_keep - picked.sum(1)
-        log_rest = (torch.logsumexp((count - picked).double().log() + log_k, 1) - log_norm).to(dtype)
-    return c[take], log_q, log_rest
+def _product_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int,
+                    block_size: int | None) -> Iterator[_Block]:
+    """Blocks of ``b`` rows by the int8 product: the block's int16 keys ``h + (D' + 1)(row mod g)``
+    to all ``N`` atoms (``2 b N`` bytes, one ``(b, 2048)`` product tile at a time), then one
+    histogram call per ``g`` rows, and the candidates once each row's ``K``-th distance is known."""
+    n, bins = bits.shape[0], bits.shape[1] + 1
+    g = _MAX_KEY // bins  # rows per histogram call: their keys stay below 2¹⁵
+    chunks = _product_atoms(bits)
+    b = max(1, block_size or _PRODUCT_ROWS)
+    rows = min(b, max(stop - start, 0))
+    keys = torch.empty(rows, n, dtype=torch.int16)
+    count = torch.empty(rows, bins, dtype=torch.int64)
+    mask = np.empty(-(-rows * n // 8) * 8, dtype=bool)  # whole 8-byte words
+    for lo in range(start, stop, b):
+        m = min(lo + b, stop) - lo
+        shift = bins * (np.arange(m) % g)  # (m,)
+        query = torch.from_numpy(_query_codes(bits[lo:lo + m], shift))
+        for c0, c1, atoms in chunks:
+            keys[:m, c0:c1] = _product(query, atoms)  # exact: integers far below 2²⁴ in float32
+        for g0 in range(0, m, g):
+            g1 = min(g0 + g, m)
+            hist = torch.bincount(keys[g0:g1].view(-1), minlength=(g1 - g0) * bins)
+            count[g0:g1] = hist.view(g1 - g0, bins)
+        threshold = (_kth_distance(count[:m], k_keep).numpy() + shift).astype(np.int16)[:, None]  # (m, 1)
+        block = keys[:m].numpy()
+        flat = _flat_at_most(block, threshold, mask)  # (row, atom) order
+        r, c = np.divmod(flat, n)
+        yield lo, count[:m].clone(), (r, c, block.reshape(-1)[flat] - shift[r])
+
+
+def _flat_at_most(a: np.ndarray, threshold: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero(a <= threshold)`` with the comparison into ``mask``, a reused buffer (a
+    fresh one per block costs page faults)."""
+    np.less_equal(a, threshold, out=mask[: a.size].reshape(a.shape))
+    return np.flatnonzero(mask[: a.size])
+
+
+# One tile of atoms for oneDNN's quantized linear layer: int8 weights prepacked for AMX, per-atom
+# weight scales (1) and zero points (0), and the bias |v| in float32.
+_Atoms = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def _product_atoms(bits: np.ndarray) -> list[tuple[int, int, _Atoms]]:
+    """The atoms' side of ``h = |u| + |v| - 2 u·v``: rows ``-2 v``, then ``_DIGITS`` columns of
+    weight 127 and one of weight 1 (the query's row term in digits), zero-padded to whole AMX
+    rows of 64 bytes; one prepacked tile per ``_PRODUCT_COLS`` atoms."""
+    n, d = bits.shape
+    w = np.zeros((n, 64 * -(-(d + _DIGITS + 1) // 64)), dtype=np.int8)  # (N, P)
+    w[:, :d] = bits
+    w[:, :d] *= -2
+    w[:, d:d + _DIGITS] = _DIGIT
+    w[:, d + _DIGITS] = 1
+    bias = torch.from_numpy(bits.sum(1, dtype=np.float32))  # (N,): |v|
+    chunks = []
+    for c0 in range(0, n, _PRODUCT_COLS):
+        c1 = min(c0 + _PRODUCT_COLS, n)
+        packed = torch.ops.onednn.qlinear_prepack(torch.from_numpy(w[c0:c1]), None)
+        chunks.append((c0, c1, (packed, torch.ones(c1 - c0), torch.zeros(c1 - c0, dtype=torch.int64),
+                                bias[c0:c1].clone())))
+    return chunks
+
+
+def _query_codes(bits: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The queries' side ``(m, P)`` uint8: ``u``, then the row term ``|u| + shift`` in base-127
+    digits (``_DIGITS`` of them, each ≤ 127, against the weights 127, and the remainder against 1)."""
+    m, d = bits.shape
+    u = np.zeros((m, 64 * -(-(d + _DIGITS + 1) // 64)), dtype=np.uint8)
+    u[:, :d] = bits
+    high, u[:, d + _DIGITS] = np.divmod(bits.sum(1) + shift, _DIGIT)
+    for j in range(_DIGITS):
+        u[:, d + j] = np.clip(high - _DIGIT * j, 0, _DIGIT)
+    return u
+
+
+def _product(query: Tensor, atoms: _Atoms) -> Tensor:
+    """``query (m, P) uint8 · atomsᵀ + bias``, ``(m, C)`` float32, by oneDNN's quantized linear layer
+    with unit scales: integer products and sums, exact."""
+    packed, scale, zero, bias = atoms
+    return torch.ops.onednn.qlinear_pointwise(query, 1.0, 0, packed, scale, zero, bias, 1.0, 0,
+                                              torch.float32, "none", [], "")
+
+
+@functools.cache
+def product_available() -> bool:
+    """Whether ``method="auto"`` searches by the int8 product: the CPU has AMX tiles
+    (``torch.cpu._is_amx_tile_supported``; without them oneDNN's int8 kernels are no faster than
+    faiss's popcount) and the product reproduces the distances of a small random case, keys up to
+    near ``2¹⁵`` included (checked once per process)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is None or not amx():
+        return False
+    bits = np.random.default_rng(0).random((40, 800)) < 0.5
+    shift = 801 * np.arange(40)  # keys up to 801 · 40 - 1, near 2¹⁵
+    try:
+        ((_, _, atoms),) = _product_atoms(bits)
+        keys = _product(torch.from_numpy(_query_codes(bits, shift)), atoms).numpy() - shift[:, None]
+    except (AttributeError, RuntimeError, TypeError):  # no such op, or another signature
+        return False
+    return bool(np.array_equal(keys, (bits[:, None] != bits[None]).sum(-1)))
 
 
 def _varying_columns(bits: np.ndarray) -> np.ndarray:
