@@ -423,13 +423,13 @@ class Referee:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, progress: bool | None = None) -> Estimate:
-        """Estimate ``log p(x)`` for ``x`` ``(B, D)``; ``progress``: a tqdm bar over the draws
-        (None: on a terminal only)."""
+        """Estimate ``log p(x)`` for ``x`` ``(B, D)``; ``progress``: False hides the tqdm bar over
+        the draws, which otherwise shows on a terminal only (a log file gets no bar lines)."""
         x, empirical, atoms = self._prepare(x)
         n_cands = len(self.candidates())
         pilot = self._pilot_draws(x.shape[0])
         with tqdm(total=pilot + self.samples * x.shape[0], desc="log-likelihood", unit="draw",
-                  unit_scale=True, leave=False, disable=None if progress is None else not progress) as bar:
+                  unit_scale=True, leave=False, disable=None if progress is not False else True) as bar:
             best, spread = self._choose(x, atoms, bar)
             k = self._draws(spread)
             bar.total = pilot + k * x.shape[0]
