@@ -7,10 +7,14 @@ import math
 import pytest
 import torch
 
+from mapa_vae.errors import MapaError
 from mapa_vae.inference.engines import concat_rows
 from mapa_vae.inference.exact import compute_posterior
-from mapa_vae.inference.hamming import hamming_log_kernel
+from mapa_vae.inference.hamming import hamming_log_kernel, hamming_top_k, product_available
 from mapa_vae.kernels import BernoulliKernel
+
+AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+needs_product = pytest.mark.skipif(not product_available(), reason="no AMX tiles: no int8-product search")
 
 
 def tied_binary_data(n: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -72,13 +76,67 @@ def test_hamming_shards_concatenate_and_float32_follows():
     torch.testing.assert_close(total, torch.zeros(200, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
-def test_rows_far_from_every_other_keep_a_finite_rest():
+@pytest.mark.parametrize("method", ["auto", "popcount"])
+def test_rows_far_from_every_other_keep_a_finite_rest(method):
     """A rest mass ``9⁻⁶⁰⁰`` below the point's own is far below any float's range as a sum of
     exponentials; from the histogram it is exact in log space."""
     x = torch.zeros(6, 1200, dtype=torch.float64)
     x[3:, :600] = 1.0  # two groups 600 bits apart
-    post = compute_posterior(x, BernoulliKernel(0.9), top_k=3)
+    post = hamming_top_k(x, BernoulliKernel(0.9), 3, method=method)
     assert (post.index // 3 == torch.arange(6)[:, None] // 3).all()
     expected = math.log(3) + 600 * (math.log(0.1) - math.log(0.9)) - math.log(3)
     torch.testing.assert_close(post.log_rest, torch.full((6,), expected, dtype=torch.float64),
                                rtol=1e-12, atol=0)
+
+
+def dense_table(x: torch.Tensor, kernel: BernoulliKernel) -> torch.Tensor:
+    """``log q(i | n)`` ``(N, N)`` by brute force: the kernel at every distance, normalized by a
+    float64 log-sum-exp."""
+    h = (x[:, None, :] != x[None, :, :]).sum(-1)  # (N, N)
+    log_k = hamming_log_kernel(kernel, x.shape[1])[h]
+    return log_k - torch.logsumexp(log_k, 1, keepdim=True)
+
+
+@pytest.mark.parametrize("method", ["product", "popcount"])
+@pytest.mark.parametrize(("n", "d", "top_k", "block"), [
+    (300, 8, 25, None), (211, 70, 40, 37), (120, 5, 120, 7), (90, 9, 1, None), (257, 130, 256, 256)])
+def test_each_search_is_the_brute_force_table(method, n, d, top_k, block):
+    """Many ties (few bits), duplicates, constant columns, ``N`` not a multiple of the block, ``K``
+    of 1 and of ``N``: the same order as brute force, and values within rounding of the dense
+    softmax, leftover included."""
+    if method == "product" and not product_available():
+        pytest.skip("no AMX tiles: no int8-product search")
+    x, kernel = tied_binary_data(n, d), BernoulliKernel(0.8)
+    post = hamming_top_k(x, kernel, top_k, block_size=block, method=method)
+    assert torch.equal(post.index, reference_order(x, top_k))
+    dense = dense_table(x, kernel)
+    torch.testing.assert_close(post.log_q, dense.gather(1, post.index), rtol=0, atol=1e-12)
+    rest = torch.logsumexp(dense.scatter(1, post.index, -math.inf), 1)
+    torch.testing.assert_close(post.log_rest, rest, rtol=0, atol=1e-12)
+
+
+@needs_product
+@pytest.mark.parametrize(("n", "d", "top_k", "rho"), [(700, 40, 64, 0.8), (400, 300, 50, 0.6),
+                                                      (96, 2100, 10, 0.95), (2100, 12, 700, 0.9)])
+def test_product_and_popcount_give_the_same_table_bit_for_bit(n, d, top_k, rho):
+    """Random 0/1 rows with ties; ``D = 2100`` puts the product's int16 keys near ``2¹⁵`` (16 rows
+    of 2 101 bins a histogram call), ``N = 2100`` spans two atom tiles."""
+    g = torch.Generator().manual_seed(n + d)
+    x = (torch.rand(n, d, generator=g, dtype=torch.float64) < 0.2).double()
+    x[: n // 5] = x[n // 5 : 2 * (n // 5)]  # duplicates
+    kernel = BernoulliKernel(rho)
+    a = hamming_top_k(x, kernel, top_k, method="product")
+    b = hamming_top_k(x, kernel, top_k, method="popcount", block_size=53)
+    for field in ("index", "log_q", "log_rest"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert torch.equal(a.index, reference_order(x, top_k))
+
+
+def test_auto_takes_the_product_where_amx_is_and_refuses_unknown_methods():
+    assert product_available() == AMX  # this check's speed claim and CI both assume AMX means product
+    x = tied_binary_data(50, 6)
+    with pytest.raises(MapaError, match="known: auto, product, popcount"):
+        hamming_top_k(x, BernoulliKernel(0.9), 5, method="bits")
+    if not AMX:
+        with pytest.raises(MapaError, match="method='popcount'"):
+            hamming_top_k(x, BernoulliKernel(0.9), 5, method="product")

@@ -92,11 +92,11 @@ def hamming_top_k(
 
     Each block of ``b`` rows gets its Hamming distances to all ``N`` atoms (``method``: see the
     module docstring; on the CPU whatever the data's device), then per row: the histogram
-    ``c_h`` of the distances (the point itself counted at ``h = 0``),
-    ``log Σ_j k = logsumexp_h(log c_h + log k(h))``, the ``K`` nearest in the order (point itself,
-    distance, index), and the leftover mass from the histogram minus what was stored. Memory
-    ``O(b · N + N · K)``; ``block_size`` defaults to 256 rows (product) or ``2²² / N`` rows
-    (popcount). ``rows = (start, stop)`` computes only those rows.
+    ``c_h`` of the distances (the point itself counted at ``h = 0``), ``log Σ_j k = log Σ_h c_h k(h)``,
+    the ``K`` nearest in the order (point itself, distance, index), and the leftover mass from the
+    histogram less what was stored. Memory ``O(b · N + N · K)``; ``block_size`` defaults to 256
+    rows (product) or ``2²² / N`` rows (popcount). ``rows = (start, stop)`` computes only those
+    rows. The two methods give the same table bit for bit.
 
     >>> x = torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])
     >>> post = hamming_top_k(x, BernoulliKernel(0.9), 2)
@@ -108,11 +108,12 @@ def hamming_top_k(
     n, d = data.shape[0], data[0].numel()
     start, stop = (0, n) if rows is None else rows
     bits = _varying_columns(data.reshape(n, d).detach().to("cpu").numpy() != 0)
+    fits = bits.shape[1] < _MAX_KEY  # the product's int16 keys hold one row's D' + 1 distances
     if method == "auto":
-        method = "product" if product_available() and bits.shape[1] < _MAX_KEY // 2 else "popcount"
-    if method == "product" and not product_available():
-        raise MapaError("the Hamming search by int8 product needs AMX tiles and oneDNN's quantized "
-                        "linear layer; use method='popcount'")
+        method = "product" if fits and product_available() else "popcount"
+    if method == "product" and not (fits and product_available()):
+        raise MapaError("the Hamming search by int8 product needs AMX tiles, oneDNN's quantized "
+                        f"linear layer and under {_MAX_KEY} varying columns; use method='popcount'")
     log_k = hamming_log_kernel(kernel, d)  # (D+1,), at the full D: a dropped column is an equal bit
     log_q = torch.empty(stop - start, k_keep, dtype=dtype)
     index = torch.empty(stop - start, k_keep, dtype=torch.int64)
@@ -304,6 +305,6 @@ def product_available() -> bool:
 def _varying_columns(bits: np.ndarray) -> np.ndarray:
     """The columns of boolean ``bits`` ``(N, D)`` that are not the same in every row (a constant
     column adds nothing to any distance; sprites have ~20 % of them), at least one."""
-    varying = (bits != bits[:1]).any(0)
+    varying = bits.any(0) & ~bits.all(0)
     varying[0] |= not varying.any()
     return bits if varying.all() else bits[:, varying]
