@@ -305,6 +305,6 @@ def product_available() -> bool:
 def _varying_columns(bits: np.ndarray) -> np.ndarray:
     """The columns of boolean ``bits`` ``(N, D)`` that are not the same in every row (a constant
     column adds nothing to any distance; sprites have ~20 % of them), at least one."""
-    varying = bits.any(0) & ~bits.all(0)
+    varying: np.ndarray = np.any(bits, axis=0) & ~np.all(bits, axis=0)  # (D,)
     varying[0] |= not varying.any()
     return bits if varying.all() else bits[:, varying]
