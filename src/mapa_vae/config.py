@@ -164,7 +164,7 @@ class TrainConfig:
     code_prior_steps: int = knob(2000, "flow: Adam steps (early stopping); mixture: EM iterations",
                                  low=1)
     prior_components: int = knob(10, "mixture code prior: Gaussian components", low=1)
-    flow_transforms: int = knob(3, "flow code prior: spline layers", low=1)
+    flow_transforms: int = knob(2, "flow code prior: spline layers", low=1)
     flow_hidden: tuple[int, ...] = knob((64, 64), "flow code prior: hypernetwork widths", low=1)
     kde_bandwidth: float | None = knob(None, "kde code prior: the bandwidth h of N(z; z_n, h² I); "
                                        "none = fitted on held-out codes", low=0.0, open_low=True,

@@ -130,15 +130,17 @@ class FlowPrior(CodePrior):
     (zuko's splines act on ``[-5, 5]`` and are the identity outside, so the flow needs
     standardized inputs); ``p_u`` is ``zuko.flows.NSF`` with ``transforms`` autoregressive
     rational-quadratic spline layers of ``bins`` bins and hypernetworks of widths ``hidden``.
-    Fitted by maximum likelihood (Adam, minibatches of 512 codes), keeping the parameters with
-    the best held-out log-likelihood and stopping early (:meth:`fit`).
+    Fitted by maximum likelihood (Adam, minibatches of 256 codes, an average of the iterates),
+    keeping the average with the best held-out log-likelihood and stopping early (:meth:`fit`).
+    Two transforms by default: on MAPA's codes of MNIST (L = 4) a third cost 1.5x the CPU time
+    per step and gained 0.02 nats per held-out code after 2000 steps.
     """
 
     kind = "flow"
     loc: Tensor
     scale: Tensor
 
-    def __init__(self, latent_dim: int, transforms: int = 3, hidden: Sequence[int] = (64, 64),
+    def __init__(self, latent_dim: int, transforms: int = 2, hidden: Sequence[int] = (64, 64),
                  bins: int = 8) -> None:
         super().__init__()
         if latent_dim < 1 or transforms < 1 or bins < 1:
@@ -151,41 +153,54 @@ class FlowPrior(CodePrior):
         self.flow = zuko.flows.NSF(latent_dim, transforms=transforms, hidden_features=self.hidden,
                                    bins=bins)
 
-    def forward(self) -> Distribution:
-        return TransformedDistribution(self.flow(), AffineTransform(self.loc, self.scale, event_dim=1))
-
     def config(self) -> dict[str, Any]:
         return {"transforms": self.transforms, "hidden": list(self.hidden), "bins": self.bins}
 
-    @torch.enable_grad()  # callers may hold no_grad (finalizing a trained model)
-    def fit(self, train: Tensor, held_out: Tensor, steps: int, lr: float = 3e-3,
-            batch_size: int = 512, every: int = 25, patience: int = 4, min_delta: float = 0.01) -> int:
-        """Adam on minibatches of ``train`` for at most ``steps`` steps. Every ``every`` steps the
-        mean held-out log-density is scored; the best parameters so far are kept, and the fit
-        stops once ``patience`` scores in a row have not beaten the last real improvement by
-        ``min_delta`` nats per code (improvements smaller than the optimizer's noise never reset
-        the count, so the fit stops where the curve flattens, not at ``steps``).
+    def forward(self) -> Distribution:
+        return self._density(self.flow)
 
-        Chosen on the codes of MAPA on 10 000 binarized MNIST images (L = 4): a step on 512 codes
-        costs 0.4 of one on 2048, and at this step size the fit stopped after 425 steps, 0.10 of
-        the CPU time of 2048-code batches at 1e-3 with every gain resetting the patience (which
-        ran all 2000 steps), 0.05 nats per held-out code below it; 5e-3 stopped sooner but fitted
-        the tails of a ring's codes worse (tests/test_code_priors.py).
+    def _density(self, flow: zuko.flows.Flow) -> Distribution:
+        """``flow``'s density mapped back from standardized codes (``self.flow`` or a copy of it)."""
+        return TransformedDistribution(flow(), AffineTransform(self.loc, self.scale, event_dim=1))
+
+    @torch.enable_grad()  # callers may hold no_grad (finalizing a trained model)
+    def fit(self, train: Tensor, held_out: Tensor, steps: int, lr: float = 1e-2, batch_size: int = 256,
+            every: int = 25, patience: int = 4, min_delta: float = 0.05, average: float = 0.98) -> int:
+        """Adam on minibatches of ``train`` for at most ``steps`` steps; the prior keeps an average
+        of the iterates (their running mean for the first ``1 / (1 - average)`` steps, then an
+        exponential moving average with decay ``average``). Every ``every`` steps the average's mean
+        held-out log-density is scored; the best average so far is kept, and the fit stops once
+        ``patience`` scores in a row have not beaten the last real improvement by ``min_delta``
+        nats per code (the average's score rises smoothly, so this stops where it gains less than
+        about ``min_delta`` per ``patience · every`` steps, not at ``steps``).
+
+        The average removes the iterate's noise (the iterate's own held-out score jumps by 0.1-0.2
+        nats from check to check at these step sizes), so a larger step size and smaller batches
+        reach the same density in fewer, cheaper steps, and the stop rule sees a smooth curve.
+        Chosen on the codes of MAPA on 10 000 binarized MNIST images (L = 4, 20 epochs; three
+        seeds, side by side): 450-550 steps and 0.47 of the CPU time of the previous fit (512-code
+        batches at Adam 3e-3, no average, 0.01 nats over 4 checks, three transforms), 0.03 nats
+        per held-out code above it; 128-code batches lost 0.1 nats, Adam 2e-2 0.13.
         """
         with torch.no_grad():
             for buffer, value in zip((self.loc, self.scale), _standardization(train), strict=True):
                 buffer.copy_(value)
-        opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
+        fast = copy.deepcopy(self.flow)  # the iterate Adam moves; self.flow holds the average
+        opt = torch.optim.Adam(fast.parameters(), lr=lr)
         best, best_state = -math.inf, copy.deepcopy(self.state_dict())
         mark, stale, step = -math.inf, 0, 0
         while step < steps and stale < patience:
             rows = train if train.shape[0] <= batch_size else train[
                 torch.randint(train.shape[0], (batch_size,), device=train.device)]
-            loss = -self().log_prob(rows).mean()
+            loss = -self._density(fast).log_prob(rows).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             step += 1
+            with torch.no_grad():
+                weight = max(1.0 - average, 1.0 / step)  # 1 / step: the running mean
+                for mean, value in zip(self.flow.parameters(), fast.parameters(), strict=True):
+                    mean.lerp_(value, weight)
             if step % every == 0 or step == steps:
                 with torch.no_grad():
                     score = float(self().log_prob(held_out).mean())
