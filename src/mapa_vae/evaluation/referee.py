@@ -178,19 +178,16 @@ class _Prior:
     def __init__(self, prior: torch.nn.Module, device: torch.device, size: int = 4096) -> None:
         dtypes = [t.dtype for t in (*prior.parameters(), *prior.buffers()) if t.is_floating_point()]
         self.dtype = dtypes[0] if dtypes else torch.float64  # no parameters: as the decoder
-        self.module = copy.deepcopy(prior).to(device, self.dtype).eval()
+        self.dist: Distribution = copy.deepcopy(prior).to(device, self.dtype).eval()()
         self.size = size
         self.pool: Tensor | None = None
 
-    def dist(self) -> Distribution:
-        return self.module()
-
     def log_prob(self, z: Tensor) -> Tensor:
-        return self.module().log_prob(z.to(self.dtype)).to(torch.float64)
+        return self.dist.log_prob(z.to(self.dtype)).to(torch.float64)
 
     def __call__(self, n: int) -> Tensor:
         if self.pool is None or self.pool.shape[0] < n:
-            fresh = self.module().sample((max(n, self.size),)).to(torch.float64)
+            fresh = self.dist.sample((max(n, self.size),)).to(torch.float64)
             self.pool = fresh if self.pool is None else torch.cat([self.pool, fresh])
         out, self.pool = self.pool[:n], self.pool[n:]
         return out
@@ -251,7 +248,7 @@ class Referee:
                                             for a in train.split(self.block)])
                 # the larger of the codes' and the prior's scale: a posterior can be as wide as
                 # the prior where the decoder barely depends on z
-                sigma = self.prior.dist().sample((1024,)).to(torch.float64).std(0)
+                sigma = self.prior.dist.sample((1024,)).to(torch.float64).std(0)
                 if self.codes is not None and self.codes.shape[0] > 1:
                     sigma = torch.maximum(sigma, self.codes.std(0))
                 self.sigma = sigma.clamp_min(1e-6)
@@ -325,7 +322,7 @@ class Referee:
 
     def proposal(self, x: Tensor, cand: Candidate, atoms: tuple[Tensor, Tensor] | None) -> Proposal:
         """``r(z | x) = (1 - a) q_c(z | x) + a p(z)`` for the points ``x`` ``(B, D)``."""
-        return Proposal(self._local(x, cand, atoms), self.prior.dist(), self.defensive, self.prior)
+        return Proposal(self._local(x, cand, atoms), self.prior.dist, self.defensive, self.prior)
 
     def _log_weights(self, x: Tensor, cand: Candidate, atoms: tuple[Tensor, Tensor] | None,
                      n: int) -> Tensor:
