@@ -85,3 +85,27 @@ def test_kl_of_truth_to_itself_is_zero_and_to_a_perturbed_model_positive():
     # exact KL between N(m, 0.01 I) and N(m, 0.02 I) in 2-D is log 2 - 1/2 = 0.193 on the same
     # curve; the marginals differ by about that much
     assert 0.1 < kl.kl < 0.25 and kl.stderr < 0.02
+
+
+@pytest.mark.parametrize("method", ["vae", "mapa"])
+def test_the_final_evaluation_gives_each_split_its_own_scores(method, vae_model, mapa_model, circle_data):
+    """``train``'s final evaluation scores validation and test in one call (one pilot, one atom
+    table): each split still gets its own points' values, here exact by quadrature (1-D latent),
+    and MAPA's exact empiricalized score of the test points over the training atoms."""
+    from mapa_vae.data.dataset import Dataset
+    from mapa_vae.evaluation.referee import Referee
+    from mapa_vae.registry import METHODS
+    from mapa_vae.training.loop import evaluate_final
+
+    model = vae_model if method == "vae" else mapa_model
+    data = Dataset("circle", circle_data[:100], circle_data[100:130], circle_data[130:])
+    out = evaluate_final(METHODS[method], model, data, grid=2**12, progress=False)
+    exact = {split: quadrature_log_likelihood(model.decoder, x, 2**12).mean()
+             for split, x in (("val", data.val), ("test", data.test))}
+    assert out["val_log_lik"] == pytest.approx(float(exact["val"]), abs=1e-9)
+    assert out["test_log_lik"] == pytest.approx(float(exact["test"]), abs=1e-9)
+    assert abs(float(exact["val"] - exact["test"])) > 1e-3  # swapped splits would show
+    if method == "mapa":
+        empirical = Referee(model, data.train).empirical(data.test)
+        assert empirical is not None
+        assert out["test_empirical_log_lik"] == pytest.approx(float(empirical.mean()), abs=1e-9)
