@@ -307,4 +307,4 @@ def _varying_columns(bits: np.ndarray) -> np.ndarray:
     column adds nothing to any distance; sprites have ~20 % of them), at least one."""
     varying: np.ndarray = np.any(bits, axis=0) & ~np.all(bits, axis=0)  # (D,)
     varying[0] |= not varying.any()
-    return bits if varying.all() else bits[:, varying]
+    return bits if varying.all() else np.compress(varying, bits, axis=1)
