@@ -24,6 +24,7 @@ from mapa_vae.models.networks import MLP
 from mapa_vae.registry import METHODS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import image_settings
 import time_to_quality as ttq
 
 
@@ -172,3 +173,31 @@ def test_verdicts_compare_with_the_best_baseline_at_every_checkpoint() -> None:
     assert not v["mapa_at_or_above_at_every_checkpoint"]
     curves["mapa"] = _points([-300.0, -250.0, -171.0])
     assert ttq.verdicts(curves)["ratio"] is None
+
+
+_COMMON = {"data": "x.npz", "latent_dim": 4, "hidden": (8,), "activation": "tanh", "seed": 0,
+           "restarts": 1, "threads": 1, "dtype": "float32", "likelihood": "bernoulli"}
+
+
+@pytest.mark.parametrize("name,want", [
+    ("S20-k2-lr3e-3", (20, 2, 100, 3e-3, None, 0)),
+    ("S1-k1-b50-lr1e-2-ppl5-s3", (1, 1, 50, 1e-2, 5.0, 3)),
+    ("S0-k1-lr0.01-s1", (0, 1, 100, 1e-2, None, 1)),
+    ("S100-k10", (100, 10, 100, 1e-3, None, 0)),
+])
+def test_image_settings_variant_names_spell_their_config(name: str, want: tuple) -> None:
+    cfg = image_settings.variant_config(name, _COMMON, prior_steps=10)
+    got = (cfg.samples, cfg.k, cfg.batch_size, cfg.lr, cfg.kernel_perplexity, cfg.seed)
+    assert got == pytest.approx(want) and cfg.method == "mapa"
+
+
+@pytest.mark.parametrize("name", ["S20k2", "S20-k2-lr", "S20-k2-s1-b50", "k2-S20"])
+def test_image_settings_refuses_an_unreadable_variant(name: str) -> None:
+    with pytest.raises(SystemExit, match="--variants"):
+        image_settings.variant_config(name, _COMMON, prior_steps=10)
+
+
+def test_image_settings_equal_steps_must_be_whole_epochs() -> None:
+    assert image_settings.whole_epochs(4000, 50, 10_000) == 20
+    with pytest.raises(SystemExit, match="--steps 150"):
+        image_settings.whole_epochs(150, 100, 10_000)
