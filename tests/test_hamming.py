@@ -132,6 +132,24 @@ def test_product_and_popcount_give_the_same_table_bit_for_bit(n, d, top_k, rho):
     assert torch.equal(a.index, reference_order(x, top_k))
 
 
+@needs_product
+def test_rows_whose_table_reaches_past_255_bits_are_redone_exactly():
+    """The product first finds distances as ``min(h, 255)``; rows with no neighbour within 255 bits
+    (outliers) sit in the same blocks as rows with close ones and are redone exactly."""
+    g = torch.Generator().manual_seed(3)
+    centres = (torch.rand(4, 900, generator=g) < 0.5).double()
+    x = centres[torch.randint(0, 4, (310,), generator=g)]
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.03, 1 - x, x)  # ~30 bits off a centre
+    x[::31] = (torch.rand(10, 900, generator=g) < 0.5).double()  # outliers, ~450 bits from all
+    kernel = BernoulliKernel(0.7)
+    a = hamming_top_k(x, kernel, 20, block_size=64, method="product")
+    b = hamming_top_k(x, kernel, 20, method="popcount")
+    for field in ("index", "log_q", "log_rest"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert torch.equal(a.index, reference_order(x, 20))
+    assert torch.isfinite(a.log_rest).all()
+
+
 def test_auto_takes_the_product_where_amx_is_and_refuses_unknown_methods():
     assert product_available() == AMX  # this check's speed claim and CI both assume AMX means product
     x = tied_binary_data(50, 6)

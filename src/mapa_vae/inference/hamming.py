@@ -44,7 +44,9 @@ METHODS = ("auto", "product", "popcount")
 _BLOCK_ENTRIES = 1 << 22  # popcount: (b, N) int32 distances per block, 16 MB
 _PRODUCT_ROWS = 256  # product: rows per block; the (256, 2048) float32 tile stays in L2
 _PRODUCT_COLS = 2048  # product: atoms per tile
-_MAX_KEY = (1 << 15) - 1  # product: keys h + (D' + 1)(row mod g) are int16
+_MAX_KEY = (1 << 15) - 1  # product, exact rows: keys h + (D' + 1)(row mod g) are int16
+_U8_TOP = 255  # product: distances as uint8, min(h, 255)
+_NEGLIGIBLE = 2.0**-80  # the histogram's terms that all N atoms together keep below this, relative
 _DIGIT = 127  # extra columns carry the row term in digits ≤ 127 times weights ≤ 127 (no int16
 _DIGITS = 3  # saturation even in VNNI's pairwise sums); 3 digits of weight 127 reach 48 387 > _MAX_KEY
 
@@ -118,10 +120,11 @@ def hamming_top_k(
     log_q = torch.empty(stop - start, k_keep, dtype=dtype)
     index = torch.empty(stop - start, k_keep, dtype=torch.int64)
     log_rest = torch.full((stop - start,), -math.inf, dtype=dtype)
+    w = _weights(log_k, n)[: bits.shape[1] + 1]  # (W,): no distance exceeds D'
     search = _product_blocks if method == "product" else _popcount_blocks
-    for lo, count, cand in search(bits, start, stop, k_keep, block_size):
+    for lo, count, cand in search(bits, start, stop, k_keep, block_size, len(w)):
         out = slice(lo - start, lo - start + count.shape[0])
-        index[out], log_q[out], log_rest[out] = _table_rows(count, cand, lo, n, k_keep, log_k)
+        index[out], log_q[out], log_rest[out] = _table_rows(count, cand, lo, n, k_keep, log_k, w)
     return MapaPosterior(log_q, index, log_rest)
 
 
@@ -137,7 +140,7 @@ def _kth_distance(count: Tensor, k_keep: int) -> Tensor:
 
 
 def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], lo: int, n: int,
-                k_keep: int, log_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                k_keep: int, log_k: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Indices ``(m, K)``, ``log q`` ``(m, K)`` and ``log_rest`` ``(m,)`` (float64) of rows ``lo …``
     from their histograms ``count`` ``(m, D'+1)`` and candidates (see ``_Block``).
 
@@ -145,8 +148,8 @@ def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], 
     ``Σ_h c_h k(h) = k(h₀) Σ_j c_{h₀+j} w_j`` with ``w_j = e^{s j} ≤ 1`` and ``h₀`` the row's
     first nonzero bin: one matrix-vector product, all terms positive and the first one at least
     1, so the sum is accurate to rounding and never underflows (``h₀ = 0`` for the normalizer,
-    the point itself; the first bin of the leftover for the rest). Weights below the smallest
-    normal float are dropped: relative to the first term they are below ``2⁻¹⁰²²``."""
+    the point itself; the first bin of the leftover for the rest). ``w`` ``(W,)`` holds the
+    weights that matter (:func:`_weights`)."""
     m, bins = count.shape
     cum = count.cumsum(1)  # (m, D'+1)
     k_col = torch.full((m, 1), k_keep, dtype=cum.dtype)
@@ -163,8 +166,6 @@ def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], 
     key.sort()
     take = torch.from_numpy(key)[(torch.cumsum(per_row, 0) - per_row)[:, None] + torch.arange(k_keep)]
     stored = ((take >> sn) & ((1 << (sh - sn)) - 1)).sub_(1).clamp_(min=0)  # (m, K) distances
-    w = torch.exp(log_k - log_k[0])
-    w = w[: min(bins, int((w >= torch.finfo(torch.float64).tiny).sum()))]  # (W,)
     log_norm = log_k[0] + torch.log(count[:, : len(w)].double() @ w)  # (m,)
     log_q = log_k[stored] - log_norm[:, None]
     log_rest = torch.full((m,), -math.inf, dtype=torch.float64)
@@ -177,8 +178,16 @@ def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], 
     return take & ((1 << sn) - 1), log_q, log_rest
 
 
-def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int,
-                     block_size: int | None) -> Iterator[_Block]:
+def _weights(log_k: Tensor, n: int) -> Tensor:
+    """``w_j = k(j) / k(0)`` for the first ``W`` bins, ``W`` the fewest with ``N w_W < 2⁻⁸⁰``: the
+    bins past them, all ``N`` atoms together, move a sum whose first term is at least 1 by less
+    than ``2⁻⁸⁰`` (below float64's rounding by ``2⁻²⁷``)."""
+    w = torch.exp(log_k - log_k[0])  # (D+1,)
+    return w[: int((n * w >= _NEGLIGIBLE).sum())]
+
+
+def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int, block_size: int | None,
+                     window: int) -> Iterator[_Block]:
     """Blocks of rows by faiss's popcount ``hammings``: ``(b, N)`` int32 distances at a time."""
     n, bins = bits.shape[0], bits.shape[1] + 1
     codes = pack_bits(bits)
@@ -201,34 +210,69 @@ def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int,
         faiss.omp_set_num_threads(threads)
 
 
-def _product_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int,
-                    block_size: int | None) -> Iterator[_Block]:
-    """Blocks of ``b`` rows by the int8 product: the block's int16 keys ``h + (D' + 1)(row mod g)``
-    to all ``N`` atoms (``2 b N`` bytes, one ``(b, 2048)`` product tile at a time), then one
-    histogram call per ``g`` rows, and the candidates once each row's ``K``-th distance is known."""
+def _product_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int, block_size: int | None,
+                    window: int) -> Iterator[_Block]:
+    """Blocks of ``b`` rows by the int8 product. First ``min(h, 255)`` as uint8 (``b N`` bytes a
+    block, one ``(b, 2048)`` product tile at a time), one histogram per row, the candidates once
+    each row's ``K``-th distance is known. A row whose table needs bins past 254 (its leftover's
+    first bin plus the ``window`` of bins that carry weight, see :func:`_table_rows`) is redone
+    exactly (:func:`_exact_rows`)."""
     n, bins = bits.shape[0], bits.shape[1] + 1
-    g = _MAX_KEY // bins  # rows per histogram call: their keys stay below 2¹⁵
     chunks = _product_atoms(bits)
     b = max(1, block_size or _PRODUCT_ROWS)
     rows = min(b, max(stop - start, 0))
-    keys = torch.empty(rows, n, dtype=torch.int16)
-    count = torch.empty(rows, bins, dtype=torch.int64)
-    mask = np.empty(-(-rows * n // 8) * 8, dtype=bool)  # whole 8-byte words
+    keys = np.empty((rows, n), dtype=np.uint8)
+    mask = np.empty(rows * n, dtype=bool)
     for lo in range(start, stop, b):
         m = min(lo + b, stop) - lo
-        shift = bins * (np.arange(m) % g)  # (m,)
-        query = torch.from_numpy(_query_codes(bits[lo:lo + m], shift))
+        if k_keep >= n or window >= _U8_TOP:  # every row needs far bins: exact at once
+            yield lo, *_exact_rows(bits, np.arange(lo, lo + m), chunks, k_keep, mask)
+            continue
+        block = keys[:m]
+        query = torch.from_numpy(_query_codes(bits[lo:lo + m], np.zeros(m, dtype=np.int64)))
         for c0, c1, atoms in chunks:
-            keys[:m, c0:c1] = _product(query, atoms)  # exact: integers far below 2²⁴ in float32
-        for g0 in range(0, m, g):
-            g1 = min(g0 + g, m)
-            hist = torch.bincount(keys[g0:g1].view(-1), minlength=(g1 - g0) * bins)
-            count[g0:g1] = hist.view(g1 - g0, bins)
-        threshold = (_kth_distance(count[:m], k_keep).numpy() + shift).astype(np.int16)[:, None]  # (m, 1)
-        block = keys[:m].numpy()
+            torch.from_numpy(block)[:, c0:c1] = _product(query, atoms, torch.uint8)  # min(h, 255)
+        count = torch.stack([torch.bincount(row, minlength=_U8_TOP + 1) for row in torch.from_numpy(block)])
+        cum = count.cumsum(1)  # (m, 256): exact below bin 255, which holds every h ≥ 255
+        k_col = torch.full((m, 1), k_keep, dtype=cum.dtype)
+        first = torch.searchsorted(cum, k_col, right=True)[:, 0]  # the leftover's first bin
+        far = (first + window > _U8_TOP).numpy()  # (m,)
+        last = torch.searchsorted(cum, k_col)[:, 0].numpy()
+        threshold = np.where(far, 0, last).astype(np.uint8)[:, None]  # (m, 1)
         flat = _flat_at_most(block, threshold, mask)  # (row, atom) order
         r, c = np.divmod(flat, n)
-        yield lo, count[:m].clone(), (r, c, block.reshape(-1)[flat] - shift[r])
+        h = block.reshape(-1)[flat]
+        if far.any():
+            redo = np.flatnonzero(far)
+            keep = ~far[r]
+            count_far, (r_far, c_far, h_far) = _exact_rows(bits, lo + redo, chunks, k_keep, mask)
+            count = torch.nn.functional.pad(count, (0, max(0, bins - count.shape[1])))
+            count[redo] = torch.nn.functional.pad(count_far, (0, count.shape[1] - bins))
+            r, c = np.concatenate([r[keep], redo[r_far]]), np.concatenate([c[keep], c_far])
+            h = np.concatenate([h[keep], h_far])
+        yield lo, count, (r, c, h)
+
+
+def _exact_rows(bits: np.ndarray, rows: np.ndarray, chunks: list[tuple[int, int, _Atoms]], k_keep: int,
+                mask: np.ndarray) -> tuple[Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Histograms ``(m, D'+1)`` and candidates of ``rows`` by the int8 product with exact int16
+    keys ``h + (D' + 1)(row mod g)``: one histogram call per ``g`` rows."""
+    n, bins, m = bits.shape[0], bits.shape[1] + 1, len(rows)
+    g = _MAX_KEY // bins  # rows per histogram call: their keys stay below 2¹⁵
+    shift = bins * (np.arange(m) % g)  # (m,)
+    query = torch.from_numpy(_query_codes(bits[rows], shift))
+    keys = torch.empty(m, n, dtype=torch.int16)
+    for c0, c1, atoms in chunks:
+        keys[:, c0:c1] = _product(query, atoms, torch.float32)  # exact: integers far below 2²⁴
+    count = torch.empty(m, bins, dtype=torch.int64)
+    for g0 in range(0, m, g):
+        g1 = min(g0 + g, m)
+        count[g0:g1] = torch.bincount(keys[g0:g1].view(-1), minlength=(g1 - g0) * bins).view(g1 - g0, bins)
+    threshold = (_kth_distance(count, k_keep).numpy() + shift).astype(np.int16)[:, None]  # (m, 1)
+    block = keys.numpy()
+    flat = _flat_at_most(block, threshold, mask)  # (row, atom) order
+    r, c = np.divmod(flat, n)
+    return count, (r, c, block.reshape(-1)[flat] - shift[r])
 
 
 def _flat_at_most(a: np.ndarray, threshold: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -275,12 +319,13 @@ def _query_codes(bits: np.ndarray, shift: np.ndarray) -> np.ndarray:
     return u
 
 
-def _product(query: Tensor, atoms: _Atoms) -> Tensor:
-    """``query (m, P) uint8 · atomsᵀ + bias``, ``(m, C)`` float32, by oneDNN's quantized linear layer
-    with unit scales: integer products and sums, exact."""
+def _product(query: Tensor, atoms: _Atoms, dtype: torch.dtype) -> Tensor:
+    """``query (m, P) uint8 · atomsᵀ + bias``, ``(m, C)``, by oneDNN's quantized linear layer with
+    unit scales: integer products and sums, exact; as float32, or as uint8 clamped to 0 … 255."""
     packed, scale, zero, bias = atoms
+    out = None if dtype == torch.uint8 else dtype  # None: the layer's quantized (uint8) output
     return torch.ops.onednn.qlinear_pointwise(query, 1.0, 0, packed, scale, zero, bias, 1.0, 0,
-                                              torch.float32, "none", [], "")
+                                              out, "none", [], "")
 
 
 @functools.cache
@@ -292,14 +337,18 @@ def product_available() -> bool:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if amx is None or not amx():
         return False
-    bits = np.random.default_rng(0).random((40, 800)) < 0.5
+    rng = np.random.default_rng(0)
+    bits = rng.random((40, 800)) < 0.5
+    bits[20:] = bits[:20] ^ (rng.random((20, 800)) < 0.1)  # pairs ~80 apart, the rest ~400
     shift = 801 * np.arange(40)  # keys up to 801 · 40 - 1, near 2¹⁵
     try:
         ((_, _, atoms),) = _product_atoms(bits)
-        keys = _product(torch.from_numpy(_query_codes(bits, shift)), atoms).numpy() - shift[:, None]
+        keys = _product(torch.from_numpy(_query_codes(bits, shift)), atoms, torch.float32).numpy()
+        near = _product(torch.from_numpy(_query_codes(bits, 0 * shift)), atoms, torch.uint8).numpy()
     except (AttributeError, RuntimeError, TypeError):  # no such op, or another signature
         return False
-    return bool(np.array_equal(keys, (bits[:, None] != bits[None]).sum(-1)))
+    h = (bits[:, None] != bits[None]).sum(-1)
+    return bool(np.array_equal(keys - shift[:, None], h) and np.array_equal(near, np.minimum(h, _U8_TOP)))
 
 
 def _varying_columns(bits: np.ndarray) -> np.ndarray:
