@@ -35,7 +35,7 @@ def _has_tiny(script: Path) -> bool:
 
 def test_there_are_benchmarks() -> None:
     assert {"passes.py", "posterior.py", "sbn.py", "vae_dgp.py", "learned_proposal.py",
-            "whole_train.py"} <= {
+            "whole_train.py", "prior_fit.py"} <= {
         p.name for p in SCRIPTS}
 
 
