@@ -91,9 +91,11 @@ downward bias, about ``se² / 2``, is near 0.02 nats per point for every model a
 INFLATIONS = (1.0, 1.5, 2.0, 3.0)
 """Scale factors ``c`` of a distribution encoder's second component (1: ``q`` alone)."""
 
-BLOCK_BYTES = 2**25
-"""Bytes of float64 decoder outputs in one block of draws (or of decoded atoms): 32 MiB, about
-5 000 draws of a 784-pixel image; the block's other tensors are a few times this."""
+BLOCK_BYTES = 2**23
+"""Bytes of float64 decoder outputs in one block of draws (or of decoded atoms): 8 MiB, about
+1 300 draws of a 784-pixel image; the block's other tensors are a few times this. On MNIST (MAPA
+and IWAE, 1000 points) 8 MiB blocks took the CPU time of 32 MiB ones, and the evaluation's peak
+memory above its start fell from 0.31 to 0.13 GB for MAPA and from 0.14 to 0.07 GB for IWAE."""
 
 
 
