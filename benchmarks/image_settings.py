@@ -32,8 +32,13 @@ equal-steps comparison; ``N`` times the batch must be whole epochs of ``--n-trai
 (Eq. 6) instead: no prior fit and no importance sampling, seconds per variant instead of minutes
 (the delivered model scored within a nat of it on MNIST, docs/results.md).
 
-    nice -n 10 python benchmarks/image_settings.py --data mnist10k.npz --budget 60 --n-test 500 \\
-        --score empirical --iwae-epochs 0 --json docs/benchmarks/image-settings-mnist10k.json
+The grid in docs/benchmarks/image-settings-mnist10k.json is several runs like this one, each
+with its own ``--variants`` (each run in the JSON lists its records); ``--steps 2000`` for the
+equal-steps rows, ``--data sprites-binary`` for image-settings-sprites10k.json:
+
+    nice -n 10 python benchmarks/image_settings.py --data ../shared/data/binarized_mnist.npz \\
+        --n-train 10000 --n-test 500 --budget 60 --score empirical --iwae-epochs 0 \\
+        --variants S20-k2-lr3e-3 S1-k1-lr3e-3 S5-k1-lr3e-3 S10-k1-lr3e-3 S20-k2-lr3e-3-s1 --json g.json
 """
 
 from __future__ import annotations
