@@ -6,16 +6,18 @@ of bits where ``x_n`` and ``x_i`` differ: an equal bit contributes ``log ρ``, a
 
     log k(x_n | x_i) = (D - h) log ρ + h log(1 - ρ),
 
-decreasing in ``h``. The normalizer and the leftover mass are then sums over a per-row histogram
-of the ``D + 1`` possible distances, exact in log space, and the table keeps the ``K`` nearest:
-row ``n`` stores the point itself first, then the others by increasing distance and, at equal
-distance, increasing index. Two searches give the distances, integers either way, so the same
-table bit for bit:
+decreasing in ``h``. The table keeps the ``K`` nearest: row ``n`` stores the point itself first,
+then the others by increasing distance and, at equal distance, increasing index. The normalizer
+and the leftover mass are sums over a per-row histogram of the distances, in log space
+(:func:`_table_rows`): one matrix-vector product per block, relative error at rounding level.
+Two searches give the distances, integers either way, so the same table bit for bit:
 
 - ``"product"``: with ``u``, ``v`` the 0/1 codes of two points, ``h = |u| + |v| - 2 u·v``, one
   int8 matrix product per tile (oneDNN's quantized linear layer: AMX tiles, integer
-  accumulation, exact); the per-row term rides in a few extra columns, so the product's output
-  is already the histogram key. About 2 ns a pair on one AMX core, several times faiss's;
+  accumulation, exact) whose output is ``min(h, 255)`` as one byte; only rows whose table needs
+  a bin past 254 (no neighbour within ~230 bits at ``ρ = 0.9``) are redone with exact keys.
+  About 4 ns a pair in all on one AMX core, against ~13 for faiss's popcount and ~45 for the
+  float64 matrix-product table (benchmarks/hamming.py);
 - ``"popcount"``: faiss's ``hammings`` on bit-packed codes, 64 bits an instruction.
 
 ``method="auto"`` takes the product where the CPU has AMX tiles and the product reproduces a
@@ -128,9 +130,9 @@ def hamming_top_k(
     return MapaPosterior(log_q, index, log_rest)
 
 
-# A block's result: its first row, the histogram (m, D'+1) int64 of each row's distances, and the
-# candidates (row in block, atom, distance): every pair within its row's K-th distance, each row's
-# atoms in increasing order.
+# A block's result: its first row, the histogram (m, B) int64 of each row's distances (exact in every
+# bin the table reads), and the candidates (row in block, atom, distance): every pair within its
+# row's K-th distance, each row's atoms in increasing order.
 _Block = tuple[int, Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
@@ -188,7 +190,8 @@ def _weights(log_k: Tensor, n: int) -> Tensor:
 
 def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int, block_size: int | None,
                      window: int) -> Iterator[_Block]:
-    """Blocks of rows by faiss's popcount ``hammings``: ``(b, N)`` int32 distances at a time."""
+    """Blocks of rows by faiss's popcount ``hammings``: ``(b, N)`` int32 distances at a time, exact
+    (``window`` is the product search's)."""
     n, bins = bits.shape[0], bits.shape[1] + 1
     codes = pack_bits(bits)
     b = block_size or max(1, _BLOCK_ENTRIES // max(n, 1))
