@@ -278,8 +278,9 @@ def test_flow_stop_rule_counts_checks_without_a_real_gain(codes):
 
 def test_flow_prior_is_the_running_mean_of_the_adam_iterates(codes):
     """For its first ``1 / (1 - average)`` steps the fitted flow is the plain mean of the Adam
-    iterates: replayed here on the whole (200-code) batch, so no draw differs; the fit's only
-    check is at its last step, so that mean is what it keeps."""
+    iterates, and with ``average = 0`` the last iterate itself, bit for bit: replayed here on
+    the whole (200-code) batch, so no draw differs; the fit's only check is at its last step,
+    so that is what it keeps."""
     train, held = codes[0][:200].double(), codes[1][:50].double()
     torch.manual_seed(0)
     prior = FlowPrior(2, transforms=1, hidden=(8,)).double()
@@ -298,3 +299,8 @@ def test_flow_prior_is_the_running_mean_of_the_adam_iterates(codes):
         mean = torch.stack(values).mean(0)
         torch.testing.assert_close(fitted_p.detach(), mean, rtol=0, atol=1e-12)
         assert not torch.allclose(mean, values[-1])  # the mean is not the last iterate
+    torch.manual_seed(0)
+    plain = FlowPrior(2, transforms=1, hidden=(8,)).double()
+    plain.fit(train, held, 5, lr=1e-2, batch_size=200, every=5, average=0.0)  # the iterate itself
+    for plain_p, last in zip(plain.flow.parameters(), iterates[-1], strict=True):
+        assert torch.equal(plain_p.detach(), last)

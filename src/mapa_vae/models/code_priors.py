@@ -132,8 +132,9 @@ class FlowPrior(CodePrior):
     rational-quadratic spline layers of ``bins`` bins and hypernetworks of widths ``hidden``.
     Fitted by maximum likelihood (Adam, minibatches of 256 codes, an average of the iterates),
     keeping the average with the best held-out log-likelihood and stopping early (:meth:`fit`).
-    Two transforms by default: on MAPA's codes of MNIST (L = 4) a third cost 1.5x the CPU time
-    per step and gained 0.02 nats per held-out code after 2000 steps.
+    Two transforms by default, for time: on MAPA's codes of MNIST (L = 4) a third cost 1.5x the
+    CPU time per step, 1.2x per fit, and gained 0.02 nats per held-out code and 0.08 per test
+    code (``benchmarks/prior_fit.py``).
     """
 
     kind = "flow"
@@ -177,10 +178,12 @@ class FlowPrior(CodePrior):
         The average removes the iterate's noise (the iterate's own held-out score jumps by 0.1-0.2
         nats from check to check at these step sizes), so a larger step size and smaller batches
         reach the same density in fewer, cheaper steps, and the stop rule sees a smooth curve.
-        Chosen on the codes of MAPA on 10 000 binarized MNIST images (L = 4, 20 epochs; three
-        seeds, side by side): 450-550 steps and 0.47 of the CPU time of the previous fit (512-code
-        batches at Adam 3e-3, no average, 0.01 nats over 4 checks, three transforms), 0.03 nats
-        per held-out code above it; 128-code batches lost 0.1 nats, Adam 2e-2 0.13.
+        ``average=0`` keeps the iterate itself (the previous rule). Chosen on the codes of MAPA on
+        10 000 binarized MNIST images (L = 4, 20 epochs; ``benchmarks/prior_fit.py``, three seeds
+        side by side): 500-575 steps and 0.50 of the CPU time of the previous fit (512-code
+        batches at Adam 3e-3, no average, 0.01 nats over 4 checks, three transforms), 0.015 nats
+        per held-out code above it and 0.04 (± 0.07 over the seeds) per test code below it;
+        128-code batches lost 0.1 nats per held-out code, Adam 2e-2 0.13.
         """
         with torch.no_grad():
             for buffer, value in zip((self.loc, self.scale), _standardization(train), strict=True):
