@@ -130,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.variants = ["S10-k1", "S10-k1-ppl5"]
     info = start(args)
     npz = args.data.lower().endswith(".npz")
-    data = load_dataset(args.data) if npz else load_dataset(
-        args.data, n_train=args.n_train, n_val=10, n_test=args.n_test, seed=0)
+    try:
+        data = load_dataset(args.data) if npz else load_dataset(
+            args.data, n_train=args.n_train, n_val=10, n_test=args.n_test, seed=0)
+    except MapaError as e:  # a size the data set lacks, a missing file: one line
+        raise SystemExit(f"image_settings: {e}") from None
     train, test = data.train[: args.n_train].float(), data.test[: args.n_test].float()
     hidden = (32,) if args.tiny else (200, 200)
     arch = Architecture(data.dim, 4, hidden, "tanh")
