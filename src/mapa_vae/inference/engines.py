@@ -49,10 +49,11 @@ AUTO_EXACT_POINTS = 20_000  # engine="auto": exact up to this many points, whate
 # ... and above it while the 2 N² D flops of the exact table stay under (seconds at matmul speed):
 AUTO_EXACT_FLOPS = {"cpu": 4e12, "cuda": 1e16}  # ~0.5-1 min on a 2-core AVX-512 CPU; ~3 min on a GPU
 
-# The Hamming table (0/1 data, Bernoulli kernel; always on the CPU) costs about a quarter of the
-# matmul table's CPU time: 30-38 against 116 CPU-s at N = 50 000, D = 1024 (benchmarks/hamming.py,
-# docs/benchmarks/hamming-sprites50k.json). "auto" counts its flops at that rate.
-HAMMING_COST = 0.25
+# The Hamming table (0/1 data, Bernoulli kernel; always on the CPU) costs about a tenth of the
+# matmul table's CPU time where its int8 product runs (AMX tiles): 10.3-10.8 against 108.6 CPU-s at
+# N = 50 000, D = 1024 (benchmarks/hamming.py, docs/benchmarks/hamming-sprites50k.json); faiss's
+# popcount, the fallback elsewhere, about a quarter (29.9). "auto" counts its flops at the product's rate.
+HAMMING_COST = 0.1
 
 
 
