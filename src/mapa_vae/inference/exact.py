@@ -52,7 +52,8 @@ def compute_posterior(
 
     For the Bernoulli kernel on 0/1 data (``hamming=None``: detected; ``False``: never) the table
     is searched by Hamming distance instead (:func:`~mapa_vae.inference.hamming.hamming_top_k`):
-    the same kernel values, exactly, at popcount speed, on the CPU, ties broken by index.
+    the same kernel values to rounding, from an exact int8 product of the ±1 codes (AMX) or a
+    popcount search, on the CPU, ties broken by index.
     """
     n = data.shape[0]
     k_keep = resolve_top_k(n, top_k)
