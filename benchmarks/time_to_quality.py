@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import tempfile
@@ -270,6 +271,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cpu: the process's CPU seconds (on one thread, an idle core's wall-clock); "
                         "wall: elapsed seconds (only on an otherwise idle machine)")
     p.add_argument("--png", default=None, help="default: the --json path with .png (none: no --json)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="train nothing: join earlier runs' JSON files (one method or more each, "
+                        "the same data, test images, budget, checkpoints, referee draws and clock) "
+                        "into one report, its verdicts and its PNG")
     args = p.parse_args(argv)
     if args.tiny:
         args.data, args.n_train, args.n_test, args.budget, args.interval = "digits-binary", 300, 40, 2.0, 1.0
@@ -280,6 +285,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
+    if args.merge:
+        return merge(args)
     info = start(args)
     global now
     now = CLOCKS[args.clock]
@@ -302,6 +309,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             curves[label], setup[label] = curve(label, replace(cfg, cache_dir=cache), train, test, arch,
                                                 args.budget, args.interval, args.epoch_marks,
                                                 args.eval_samples, args.width_pick)
+    knobs = {label: {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "cache_dir")}
+             for label, cfg in runs.items()}
+    result = {"data": name, "n_train": train.shape[0], "n_test": test.shape[0], "dim": data.dim,
+              "args": vars(args), "setup_seconds": setup, "command": " ".join(sys.argv)}
+    return report(args, info, knobs, curves, result)
+
+
+def report(args: argparse.Namespace, info: dict[str, Any], knobs: dict[str, Any],
+           curves: dict[str, list[dict[str, Any]]], result: dict[str, Any]) -> dict[str, Any]:
+    """Print the verdicts and the equal-epochs table; write the JSON and the PNG."""
     summary = verdicts(curves)
     if summary:
         r, at = summary["ratio"], summary["mapa_seconds_to_target"]
@@ -314,27 +331,73 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for row in table:
         print(f"  equal epochs: {row['method']:>7} {row['epochs']:5.2f} epochs, {row['seconds']:7.1f} s, "
               f"{row['test_log_lik']:8.2f} ± {row['stderr']:.2f}")
-    knobs = {label: {k: v for k, v in cfg.to_dict().items() if k not in ("extra", "cache_dir")}
-             for label, cfg in runs.items()}
     records = [{"method": label, **c} for label, cs in curves.items() for c in cs]
-    result = {"data": name, "n_train": train.shape[0], "n_test": test.shape[0], "dim": data.dim,
-              "args": vars(args), "setup_seconds": setup, "summary": summary,
-              "equal_epochs": table, "command": " ".join(sys.argv)}
+    result = {**result, "summary": summary, "equal_epochs": table}
     write_records(args.json, "time_to_quality", info, knobs, records, **result)
     if args.json or args.png:
-        plot(curves, summary, args, name, train.shape[0])
+        mapa = knobs.get("mapa", {})
+        plot(curves, summary, args, result["data"], result["n_train"],
+             f"MAPA (S={mapa.get('samples')}, k={mapa.get('k')}, code prior on its clock)")
     return {**result, "curves": curves}
 
 
+MUST_AGREE = ("data", "n_train", "n_test", "budget", "interval", "eval_samples", "width_pick",
+              "clock", "seed", "latent_dim", "hidden", "activation", "threads")
+"""What runs joined by ``--merge`` must share to be one comparison."""
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Join the runs in ``args.merge`` (each one or more methods, timed in its own process) into
+    one report. Refuses runs that measured different things (:data:`MUST_AGREE`) or the same
+    method twice, in one line naming the file."""
+    runs = []
+    for path in args.merge:
+        try:
+            run = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--merge: cannot read {path}: {e}") from None
+        if not isinstance(run, dict) or run.get("benchmark") != "time_to_quality":
+            raise SystemExit(f"--merge: {path} is not a time_to_quality JSON")
+        runs.append((path, run))
+    first_path, first = runs[0]
+    curves: dict[str, list[dict[str, Any]]] = {}
+    knobs: dict[str, Any] = {}
+    setup: dict[str, float] = {}
+    for path, run in runs:
+        for key in MUST_AGREE:
+            if run["args"].get(key) != first["args"].get(key):
+                raise SystemExit(f"--merge: {path} has {key} = {run['args'].get(key)!r}, "
+                                 f"{first_path} {first['args'].get(key)!r}")
+        labels = {rec["method"] for rec in run["records"]}
+        if labels & set(curves):
+            raise SystemExit(f"--merge: method {sorted(labels & set(curves))[0]} is in more than one "
+                             f"file ({path})")
+        for rec in run["records"]:
+            curves.setdefault(rec["method"], []).append({k: v for k, v in rec.items() if k != "method"})
+        for label in labels:
+            knobs[label] = run["knobs"][label]
+            setup[label] = run["setup_seconds"][label]
+    order = ["iwae5", "iwae50", "vae", "mapa"]
+    curves = {label: curves[label] for label in sorted(curves, key=order.index)}
+    parts = [{"path": path, "command": run.get("command"), "machine": run["machine"],
+              "methods": sorted({rec["method"] for rec in run["records"]})} for path, run in runs]
+    result = {key: first[key] for key in ("data", "n_train", "n_test", "dim")}
+    result |= {"args": first["args"], "setup_seconds": setup, "merged_from": parts,
+               "command": " ".join(sys.argv)}
+    info = {**first["machine"], "merged": True}
+    view = argparse.Namespace(**{**first["args"], "json": args.json, "png": args.png, "merge": args.merge})
+    return report(view, info, knobs, curves, result)
+
+
 def plot(curves: dict[str, list[dict[str, Any]]], summary: dict[str, Any], args: argparse.Namespace,
-         name: str, n: int) -> None:
+         name: str, n: int, mapa_label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     text = {"iwae5": "IWAE (S=5)", "iwae50": "IWAE (S=50)", "vae": "VAE",
-            "mapa": f"MAPA (S={args.mapa_samples}, k={args.mapa_k}, code prior on its clock)"}
+            "mapa": mapa_label}
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, cs in curves.items():
         timed = sorted(cs, key=lambda c: c["seconds"])  # the timed and the equal-epochs checkpoints

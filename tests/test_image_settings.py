@@ -175,6 +175,33 @@ def test_verdicts_compare_with_the_best_baseline_at_every_checkpoint() -> None:
     assert ttq.verdicts(curves)["ratio"] is None
 
 
+def test_time_to_quality_joins_methods_timed_in_separate_processes(tmp_path: Path) -> None:
+    """``--merge`` gives the report one run of all methods would: each method's curve as
+    measured, the verdicts against the best baseline; runs that measured other things (here
+    other test images) or the same method twice are refused in one line."""
+    parts = {}
+    for label in ("vae", "mapa"):
+        parts[label] = tmp_path / f"{label}.json"
+        ttq.main(["--tiny", "--methods", label, "--json", str(parts[label])])
+    joined = tmp_path / "joined.json"
+    got = ttq.main(["--merge", str(parts["vae"]), str(parts["mapa"]), "--json", str(joined)])
+    data = json.loads(joined.read_text())
+    for label in ("vae", "mapa"):
+        alone = json.loads(parts[label].read_text())["records"]
+        assert [r for r in data["records"] if r["method"] == label] == alone
+    assert data["summary"]["best_baseline"] == "vae" == got["summary"]["best_baseline"]
+    assert data["summary"] == ttq.verdicts(got["curves"])
+    assert [p["methods"] for p in data["merged_from"]] == [["vae"], ["mapa"]]
+    assert joined.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="more than one file"):
+        ttq.main(["--merge", str(parts["vae"]), str(joined)])
+    other = json.loads(parts["mapa"].read_text())
+    other["args"]["n_test"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="n_test"):
+        ttq.main(["--merge", str(parts["vae"]), str(tmp_path / "other.json")])
+
+
 _COMMON = {"data": "x.npz", "latent_dim": 4, "hidden": (8,), "activation": "tanh", "seed": 0,
            "restarts": 1, "threads": 1, "dtype": "float32", "likelihood": "bernoulli"}
 
