@@ -4,11 +4,13 @@ The first ``--n-train`` training images of a binarized-MNIST ``.npz`` (``--data`
 ``--n-val`` validation and ``--n-test`` test images as its own split, are written to a temporary
 ``.npz``; then ``mapa-vae train`` runs on it as a subprocess, once for MAPA with its own defaults
 for images (S and k as the method picks them, the flow prior fitted, the final evaluation) and
-once for IWAE with ``--iwae-samples`` draws, each in a fresh process. The networks, the optimizer
-and the seed are stated on both command lines (``--latent-dim``, ``--hidden``, ``--activation``,
-``--batch-size``, ``--lr``, ``--seed``, ``--restarts``, ``--threads``, ``--dtype``, ``--epochs``),
-and every run's resolved configuration is recorded beside its numbers, so a default that changes
-later shows in the JSON. For each run:
+once for IWAE with ``--iwae-samples`` draws, each in a fresh process. The networks and the seed
+are stated on both command lines (``--latent-dim``, ``--hidden``, ``--activation``, ``--seed``,
+``--restarts``, ``--threads``, ``--dtype``, ``--epochs``), IWAE's optimizer on its own
+(``--iwae-batch-size``, ``--iwae-lr``); MAPA's S, k, batch and learning rate are the method's
+image defaults unless ``--mapa-samples`` / ``--mapa-k`` / ``--mapa-batch-size`` / ``--mapa-lr``
+set them, and every run's resolved configuration is recorded beside its numbers (and the values
+MAPA used are printed), so a default that changes later shows in the JSON. For each run:
 
 - CPU seconds (user + system of the child, from ``os.wait4``) and wall seconds;
 - peak resident memory: the child's ``ru_maxrss`` from ``os.wait4`` (exact, that process only),
@@ -219,8 +221,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--latent-dim", type=int, default=4)
     p.add_argument("--hidden", type=int, nargs="+", default=[200, 200])
     p.add_argument("--activation", default="tanh")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--iwae-batch-size", type=int, default=100)
+    p.add_argument("--iwae-lr", type=float, default=1e-3)
+    for knob, kind in (("samples", int), ("k", int), ("batch-size", int), ("lr", float)):
+        p.add_argument(f"--mapa-{knob}", type=kind, default=None,
+                       help=f"MAPA's --{knob} (default: the method's image default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--dtype", default="float32")
@@ -240,13 +245,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: at least 1")
     common = ["--likelihood", "bernoulli", "--latent-dim", str(args.latent_dim),
               "--hidden", *map(str, args.hidden), "--activation", args.activation,
-              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed),
-              "--restarts", str(args.restarts), "--threads", str(args.threads),
-              "--dtype", args.dtype]
+              "--seed", str(args.seed), "--restarts", str(args.restarts),
+              "--threads", str(args.threads), "--dtype", args.dtype]
+    mapa_knobs = [f for knob in ("samples", "k", "batch_size", "lr")
+                  if (v := getattr(args, f"mapa_{knob}")) is not None
+                  for f in (f"--{knob.replace('_', '-')}", str(v))]
     knobs = {k: getattr(args, k) for k in (
         "data", "n_train", "n_val", "n_test", "mapa_epochs", "iwae_epochs", "iwae_samples",
-        "latent_dim", "hidden", "activation", "batch_size", "lr", "seed", "restarts", "threads",
-        "dtype", "turns", "interval")}
+        "latent_dim", "hidden", "activation", "iwae_batch_size", "iwae_lr", "mapa_samples", "mapa_k",
+        "mapa_batch_size", "mapa_lr", "seed", "restarts", "threads", "dtype", "turns", "interval")}
     if args.tiny:
         knobs["data"] = "random 0/1 images (--tiny)"
     records = []
@@ -254,15 +261,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         npz = Path(tmp) / f"mnist{args.n_train}.npz"
         write_subset(None if args.tiny else Path(args.data), npz, args.n_train, args.n_val,
                      args.n_test, args.seed)
-        runs = {"mapa": ["--method", "mapa", "--epochs", str(args.mapa_epochs)],
-                f"iwae{args.iwae_samples}": ["--method", "iwae", "--samples",
-                                            str(args.iwae_samples), "--epochs",
-                                            str(args.iwae_epochs)]}
+        runs = {"mapa": ["--method", "mapa", "--epochs", str(args.mapa_epochs), *mapa_knobs],
+                f"iwae{args.iwae_samples}": [
+                    "--method", "iwae", "--samples", str(args.iwae_samples), "--epochs",
+                    str(args.iwae_epochs), "--batch-size", str(args.iwae_batch_size), "--lr",
+                    str(args.iwae_lr)]}
         for name, flags in runs.items():
             print(f"{name}: mapa-vae train {' '.join(flags)} ...", flush=True)
             rec = run_train(["--data", str(npz), *flags, *common], Path(tmp) / name, args.interval)
             rec["run"] = name
-            m = rec["metrics"]
+            m, c = rec["metrics"], rec["config"]
+            print(f"  used S {c['samples']}, k {c['k']}, batch {c['batch_size']}, lr {c['lr']:g}",
+                  flush=True)
             phases = ", ".join(f"{k} {v:.1f}" for k, v in rec["cpu_seconds_by_phase"].items())
             print(f"  {rec['cpu_seconds']:.1f} CPU s ({phases}), {rec['wall_seconds']:.1f} s wall, peak "
                   f"{rec['peak_rss_bytes'] / 1e9:.2f} GB; train {m['train_seconds']:.1f} s, prior "
