@@ -271,10 +271,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cpu: the process's CPU seconds (on one thread, an idle core's wall-clock); "
                         "wall: elapsed seconds (only on an otherwise idle machine)")
     p.add_argument("--png", default=None, help="default: the --json path with .png (none: no --json)")
-    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+    p.add_argument("--merge", nargs="+", metavar="JSON[:METHODS]", default=None,
                    help="train nothing: join earlier runs' JSON files (one method or more each, "
                         "the same data, test images, budget, checkpoints, referee draws and clock) "
-                        "into one report, its verdicts and its PNG")
+                        "into one report, its verdicts and its PNG; PATH:vae,mapa takes only "
+                        "those methods from PATH")
     args = p.parse_args(argv)
     if args.tiny:
         args.data, args.n_train, args.n_test, args.budget, args.interval = "digits-binary", 300, 40, 2.0, 1.0
@@ -341,6 +342,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], knobs: dict[str, Any]
     return {**result, "curves": curves}
 
 
+METHOD_ORDER = ("iwae5", "iwae50", "vae", "mapa")
+
 MUST_AGREE = ("data", "n_train", "n_test", "budget", "interval", "eval_samples", "width_pick",
               "clock", "seed", "latent_dim", "hidden", "activation", "threads")
 """What runs joined by ``--merge`` must share to be one comparison."""
@@ -351,13 +354,21 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
     one report. Refuses runs that measured different things (:data:`MUST_AGREE`) or the same
     method twice, in one line naming the file."""
     runs = []
-    for path in args.merge:
+    for spec in args.merge:
+        path, _, wanted = spec.rpartition(":") if ":" in spec else (spec, "", "")
+        take = set(wanted.split(",")) if wanted else None
+        if take and not take <= set(METHOD_ORDER):
+            raise SystemExit(f"--merge: {spec}: methods after ':' must be among {', '.join(METHOD_ORDER)}")
         try:
             run = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--merge: cannot read {path}: {e}") from None
         if not isinstance(run, dict) or run.get("benchmark") != "time_to_quality":
             raise SystemExit(f"--merge: {path} is not a time_to_quality JSON")
+        if take is not None:
+            if missing := take - {rec["method"] for rec in run["records"]}:
+                raise SystemExit(f"--merge: {path} has no {sorted(missing)[0]} records")
+            run = {**run, "records": [rec for rec in run["records"] if rec["method"] in take]}
         runs.append((path, run))
     first_path, first = runs[0]
     curves: dict[str, list[dict[str, Any]]] = {}
@@ -377,8 +388,7 @@ def merge(args: argparse.Namespace) -> dict[str, Any]:
         for label in labels:
             knobs[label] = run["knobs"][label]
             setup[label] = run["setup_seconds"][label]
-    order = ["iwae5", "iwae50", "vae", "mapa"]
-    curves = {label: curves[label] for label in sorted(curves, key=order.index)}
+    curves = {label: curves[label] for label in sorted(curves, key=METHOD_ORDER.index)}
     parts = [{"path": path, "command": run.get("command"), "machine": run["machine"],
               "methods": sorted({rec["method"] for rec in run["records"]})} for path, run in runs]
     result = {key: first[key] for key in ("data", "n_train", "n_test", "dim")}

@@ -195,6 +195,10 @@ def test_time_to_quality_joins_methods_timed_in_separate_processes(tmp_path: Pat
     assert joined.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="more than one file"):
         ttq.main(["--merge", str(parts["vae"]), str(joined)])
+    again = ttq.main(["--merge", f"{joined}:mapa", str(parts["vae"])])  # only MAPA from the joined
+    assert again["summary"] == got["summary"]
+    with pytest.raises(SystemExit, match="no iwae5 records"):
+        ttq.main(["--merge", f"{joined}:iwae5"])
     other = json.loads(parts["mapa"].read_text())
     other["args"]["n_test"] += 1
     (tmp_path / "other.json").write_text(json.dumps(other))
