@@ -189,18 +189,19 @@ def run_train(argv: list[str], out: Path, interval: float) -> dict[str, Any]:
     }
 
 
-def eval_turns(runs: dict[str, Path], npz: Path, turns: int) -> dict[str, list[float]]:
-    """CPU seconds of each run's final evaluation (``evaluate_final``), the runs taking turns."""
+def eval_turns(runs: dict[str, Path], npz: Path, turns: int) -> dict[str, list[Any]]:
+    """CPU seconds of each run's final evaluation (``evaluate_final``), the runs taking turns,
+    and how each turn estimated (the draws K it took)."""
     data = load_dataset(str(npz))
     loaded = {name: load_run(d) for name, d in runs.items()}
-    out: dict[str, list[float]] = {name: [] for name in runs}
+    out: dict[str, list[Any]] = {name: [] for name in runs}
     for turn in range(turns):
         for name, run in loaded.items():
             torch.manual_seed(turn)
             t = time.process_time()
-            evaluate_final(METHODS[run.config.method], run.model, data, run.config.test_grid,
-                           progress=False)
-            out[name].append(time.process_time() - t)
+            m = evaluate_final(METHODS[run.config.method], run.model, data, run.config.test_grid,
+                               progress=False)
+            out[name].append((time.process_time() - t, m.get("test_log_lik_how")))
     return out
 
 
@@ -282,8 +283,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.turns:
             turns = eval_turns({r["run"]: Path(tmp) / r["run"] for r in records}, npz, args.turns)
             for rec in records:
-                rec["eval_cpu_seconds_turns"] = turns[rec["run"]]
-                rec["eval_cpu_seconds_median"] = statistics.median(turns[rec["run"]])
+                rec["eval_cpu_seconds_turns"] = [c for c, _ in turns[rec["run"]]]
+                rec["eval_turns_how"] = [h for _, h in turns[rec["run"]]]
+                rec["eval_cpu_seconds_median"] = statistics.median(rec["eval_cpu_seconds_turns"])
                 print(f"{rec['run']}: final evaluation {rec['eval_cpu_seconds_median']:.2f} CPU s "
                       f"(median of {args.turns}, taking turns)", flush=True)
     mapa, iwae = records
