@@ -304,3 +304,29 @@ def test_flow_prior_is_the_running_mean_of_the_adam_iterates(codes):
     plain.fit(train, held, 5, lr=1e-2, batch_size=200, every=5, average=0.0)  # the iterate itself
     for plain_p, last in zip(plain.flow.parameters(), iterates[-1], strict=True):
         assert torch.equal(plain_p.detach(), last)
+
+
+def test_the_flow_is_zukos_neural_spline_flow_with_a_faster_softmax():
+    """:class:`FlowPrior`'s flow and ``zuko.flows.NSF`` with the same parameters give the same
+    log-density, gradients and samples (the only change is how the bins' softmax is taken),
+    including for spline inputs pushed to zuko's bound on the unconstrained widths."""
+    import zuko
+
+    torch.manual_seed(0)
+    ours = FlowPrior(3, transforms=2, hidden=(16, 16)).double().flow
+    with torch.no_grad():  # large hypernetwork outputs: widths near zuko's bound |log slope| / 2
+        for p in ours.parameters():
+            p.mul_(20.0)
+    theirs = zuko.flows.NSF(3, transforms=2, hidden_features=(16, 16), bins=8).double()
+    theirs.load_state_dict(ours.state_dict())
+    z = 3 * torch.randn(500, 3, dtype=torch.float64)
+    lp_ours, lp_theirs = ours().log_prob(z), theirs().log_prob(z)
+    torch.testing.assert_close(lp_ours, lp_theirs, rtol=1e-10, atol=1e-10)
+    g_ours = torch.autograd.grad(lp_ours.sum(), list(ours.parameters()))
+    g_theirs = torch.autograd.grad(lp_theirs.sum(), list(theirs.parameters()))
+    for a, b in zip(g_ours, g_theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.manual_seed(1)
+    s_ours = ours().sample((200,))
+    torch.manual_seed(1)
+    torch.testing.assert_close(s_ours, theirs().sample((200,)), rtol=1e-10, atol=1e-10)

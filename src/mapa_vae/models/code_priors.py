@@ -18,10 +18,12 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import zuko
 from torch import Tensor
 from torch.distributions import (
@@ -123,6 +125,46 @@ class MixturePrior(CodePrior):
         return int(gm.n_iter_)
 
 
+class _SplineTransform(zuko.transforms.MonotonicRQSTransform):
+    """zuko's monotonic rational-quadratic spline (the NSF's), its bins' softmax taken as
+    ``exp / Σ exp``.
+
+    torch's CPU softmax over a last dimension of 8 bins is an order of magnitude slower than the
+    two elementwise operations it amounts to (2.9 against 0.3 ms for 5200 × 4 × 8 floats, one
+    thread), and the spline's two softmaxes were 37 % of the flow's log-density. zuko bounds the
+    unconstrained widths and heights by ``|w| < |log slope| / 2`` (3.45 at its slope 1e-3) before
+    the softmax, so ``exp`` cannot overflow and no maximum need be subtracted. The same
+    parameters give the same spline up to rounding (a test compares it with zuko's).
+    """
+
+    def __init__(self, widths: Tensor, heights: Tensor, derivatives: Tensor, bound: float = 5.0,
+                 slope: float = 1e-3, **kwargs: Any) -> None:
+        super(zuko.transforms.MonotonicRQSTransform, self).__init__(**kwargs)
+        log_slope = math.log(slope)
+        widths = _normalize_exp(widths / (1 + abs(2 * widths / log_slope)))
+        heights = _normalize_exp(heights / (1 + abs(2 * heights / log_slope)))
+        derivatives = derivatives / (1 + abs(derivatives / log_slope))
+        self.horizontal = bound * (2 * torch.cumsum(F.pad(widths, (1, 0)), dim=-1) - 1)
+        self.vertical = bound * (2 * torch.cumsum(F.pad(heights, (1, 0)), dim=-1) - 1)
+        self.derivatives = torch.exp(F.pad(derivatives, (1, 1)))
+
+
+def _normalize_exp(w: Tensor) -> Tensor:
+    """``softmax(w, -1)`` for bounded ``w``, computed as ``exp(w) / Σ exp(w)``."""
+    e = w.exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def _spline_flow(features: int, transforms: int, hidden: Sequence[int], bins: int,
+                 slope: float = 1e-3) -> zuko.flows.Flow:
+    """``zuko.flows.NSF(features, transforms=…, hidden_features=…, bins=…)`` built on
+    :class:`_SplineTransform`: the same modules and parameters (a state dict of either loads
+    into the other), a faster density."""
+    return zuko.flows.MAF(features, transforms=transforms, hidden_features=tuple(hidden),
+                          univariate=partial(_SplineTransform, slope=slope),
+                          shapes=[(bins,), (bins,), (bins - 1,)])
+
+
 class FlowPrior(CodePrior):
     """``p(z) = p_u((z - m) / s) / Π_l s_l``: a neural spline flow ``p_u`` on standardized codes.
 
@@ -151,8 +193,7 @@ class FlowPrior(CodePrior):
             latent_dim, transforms, tuple(hidden), bins)
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
-        self.flow = zuko.flows.NSF(latent_dim, transforms=transforms, hidden_features=self.hidden,
-                                   bins=bins)
+        self.flow = _spline_flow(latent_dim, transforms, self.hidden, bins)
 
     def config(self) -> dict[str, Any]:
         return {"transforms": self.transforms, "hidden": list(self.hidden), "bins": self.bins}
