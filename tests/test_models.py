@@ -32,6 +32,22 @@ def test_pairwise_log_prob_equals_the_broadcast_density(name, m):
 
 
 @pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("shapes", [((40, 70, 20), (70, 20)),  # the referee's draws × points
+                                    ((70, 3, 20), (70, 1, 20)),  # broadcast the other way
+                                    ((20,), (20,))])
+def test_log_prob_equals_the_distributions(name, shapes):
+    """:meth:`Likelihood.log_prob` (the referee's, a faster form for the Bernoulli) gives the
+    distribution's own log-density, on values anywhere in [0, 1]."""
+    lik = built(name)
+    params = 3 * torch.randn(shapes[0], dtype=torch.float64)
+    x = torch.rand(shapes[1], dtype=torch.float64)
+    x[..., :5] = x[..., :5].round()  # some exact 0s and 1s
+    got, want = lik.log_prob(params, x), lik(params).log_prob(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
 def test_settings_round_trip_through_config(name):
     """What ``settings`` builds is what a checkpoint stores and rebuilds."""
     lik = built(name)

@@ -334,7 +334,8 @@ class Referee:
         r = self.proposal(x, cand, atoms)
         z = r.sample(n)  # (n, B, L)
         log_p_z = self.prior.log_prob(z)  # (n, B), computed once for the target and r
-        return self.model.decoder(z).log_prob(x) + log_p_z - r.log_prob(z, log_p_z)
+        log_p_x = self.model.decoder.likelihood.log_prob(self.model.decoder.net(z), x)  # (n, B)
+        return log_p_x + log_p_z - r.log_prob(z, log_p_z)
 
     def _blocks(self, n_points: int, n: int) -> Iterator[tuple[slice, int]]:
         """(rows, draws) blocks of at most ``block`` draws × points covering ``n`` draws of each."""

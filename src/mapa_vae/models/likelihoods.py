@@ -72,6 +72,13 @@ class Likelihood(nn.Module, ABC):
     def kernel(self) -> Kernel:
         """The MAPA kernel matched to this noise model (docs/design.md §2)."""
 
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """``log p(x | params)`` ``(...)`` for decoder outputs ``params`` ``(..., D')`` and points
+        ``x`` ``(..., D)`` broadcast against them: ``self(params).log_prob(x)``, which a likelihood
+        may compute faster (the referee scores every draw through it)."""
+        log_p: Tensor = self(params).log_prob(x)
+        return log_p
+
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         """``log p(x_b | params_m)`` for every pair: params ``(M, D')``, x ``(B, D)`` → ``(B, M)``.
 
@@ -192,6 +199,25 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
         return torch.sigmoid(params)
 
     matmul_pairs = True
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        """``Σ_d x_d l_d - softplus(l_d)``, the same value as ``self(params).log_prob(x)`` (torch's
+        ``binary_cross_entropy_with_logits``) up to rounding, in 0.36 of its time in float64:
+        a batched dot product where ``params`` is ``(..., B, D)`` against ``x`` ``(B, D)`` (the
+        referee's draws), one softplus. Measured on (60, 100, 784) float64 logits, one thread:
+        42 against 117 ms. In float32 training it gains nothing for one draw per point (0.95
+        against 0.73 ms forward and backward), so the training objectives keep the distribution.
+
+        >>> lik, l = BernoulliLikelihood(), torch.randn(3, 2, 5, dtype=torch.float64)
+        >>> x = (torch.rand(2, 5) < 0.5).double()
+        >>> torch.allclose(lik.log_prob(l, x), lik(l).log_prob(x))
+        True
+        """
+        if x.dim() == 2 and params.dim() >= 2 and params.shape[-2:] == x.shape:
+            dot = torch.einsum("nbd,bd->nb", params.reshape(-1, *x.shape), x).reshape(params.shape[:-1])
+        else:
+            dot = torch.linalg.vecdot(params, x.to(params.dtype))
+        return dot - F.softplus(params).sum(-1)
 
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         # Σ_d x_d l_d - softplus(l_d): linear in x, so all pairs are one matrix product
