@@ -136,9 +136,10 @@ def hamming_top_k(
 _Block = tuple[int, Tensor, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
-def _kth_distance(count: Tensor, k_keep: int) -> Tensor:
-    """``(m,)``: the distance of each row's ``K``-th nearest, from its histogram ``(m, bins)``."""
-    return (count.cumsum(1) < k_keep).sum(1)
+def _kth_distance(cum: Tensor, k_keep: int) -> Tensor:
+    """``(m,)``: the distance of each row's ``K``-th nearest, the first bin where its cumulative
+    histogram ``cum`` ``(m, bins)`` reaches ``K``."""
+    return torch.searchsorted(cum, torch.full((cum.shape[0], 1), k_keep, dtype=cum.dtype))[:, 0]
 
 
 def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], lo: int, n: int,
@@ -155,7 +156,7 @@ def _table_rows(count: Tensor, cand: tuple[np.ndarray, np.ndarray, np.ndarray], 
     m, bins = count.shape
     cum = count.cumsum(1)  # (m, D'+1)
     k_col = torch.full((m, 1), k_keep, dtype=cum.dtype)
-    last = torch.searchsorted(cum, k_col)[:, 0]  # (m,): the distance of each row's K-th entry
+    last = _kth_distance(cum, k_keep)  # (m,)
     per_row = cum.gather(1, last[:, None])[:, 0]  # (m,): candidates of each row
     # one sort of (row, distance + 1, atom) packed in an int64, the point itself at distance slot
     # 0, orders every row as stored
@@ -206,7 +207,7 @@ def _popcount_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int, block
             block = torch.from_numpy(dis[:m])
             shift = (torch.arange(m, dtype=torch.int32) * bins)[:, None]
             count = torch.bincount((block + shift).view(-1), minlength=m * bins).view(m, bins)
-            last = _kth_distance(count, k_keep).numpy().astype(np.int32)
+            last = _kth_distance(count.cumsum(1), k_keep).numpy().astype(np.int32)
             flat = np.flatnonzero(dis[:m] <= last[:, None])  # (row, atom) order
             yield lo, count, (*np.divmod(flat, n), dis[:m].reshape(-1)[flat])
     finally:
@@ -240,7 +241,7 @@ def _product_blocks(bits: np.ndarray, start: int, stop: int, k_keep: int, block_
         k_col = torch.full((m, 1), k_keep, dtype=cum.dtype)
         first = torch.searchsorted(cum, k_col, right=True)[:, 0]  # the leftover's first bin
         far = (first + window > _U8_TOP).numpy()  # (m,)
-        last = torch.searchsorted(cum, k_col)[:, 0].numpy()
+        last = _kth_distance(cum, k_keep).numpy()
         threshold = np.where(far, 0, last).astype(np.uint8)[:, None]  # (m, 1)
         flat = _flat_at_most(block, threshold, mask)  # (row, atom) order
         r, c = np.divmod(flat, n)
@@ -271,7 +272,7 @@ def _exact_rows(bits: np.ndarray, rows: np.ndarray, chunks: list[tuple[int, int,
     for g0 in range(0, m, g):
         g1 = min(g0 + g, m)
         count[g0:g1] = torch.bincount(keys[g0:g1].view(-1), minlength=(g1 - g0) * bins).view(g1 - g0, bins)
-    threshold = (_kth_distance(count, k_keep).numpy() + shift).astype(np.int16)[:, None]  # (m, 1)
+    threshold = (_kth_distance(count.cumsum(1), k_keep).numpy() + shift).astype(np.int16)[:, None]  # (m, 1)
     block = keys.numpy()
     flat = _flat_at_most(block, threshold, mask)  # (row, atom) order
     r, c = np.divmod(flat, n)
