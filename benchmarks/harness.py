@@ -34,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mapa_vae.config import TrainConfig
@@ -197,6 +198,29 @@ def timed_steps(model: LatentVariableModel, objective: Objective, x: torch.Tenso
             batches = draw(x, batch_size, generator)
     seconds = (time.perf_counter() - t0) / steps
     return Steps(seconds, batch_seconds, objective.passes.per_point(), bounds, opt)
+
+
+def write_mnist_subset(src: Path | None, dest: Path, n_train: int, n_val: int, n_test: int,
+                 seed: int = 0) -> None:
+    """The first ``n_*`` rows of each split of the binarized-MNIST ``src`` as a packed ``.npz``
+    at ``dest`` (``src`` None: random 0/1 images, for ``--tiny``)."""
+    sizes = {"train": n_train, "valid": n_val, "test": n_test}
+    if src is None:
+        rng = np.random.default_rng(seed)
+        out = {k: np.packbits(rng.random((n, 784)) < 0.2, axis=1) for k, n in sizes.items()}
+    else:
+        try:
+            data = np.load(src, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{src}: not a readable .npz file ({e})") from None
+        out = {}
+        with data:
+            for k, n in sizes.items():
+                if k not in data or data[k].shape[0] < n:
+                    have = data[k].shape[0] if k in data else 0
+                    raise SystemExit(f"{src}: needs {n} rows of {k!r}, has {have}")
+                out[k] = data[k][:n]
+    np.savez(dest, train=out["train"], valid=out["valid"], test=out["test"])
 
 
 def write_records(path: str | Path | None, name: str, info: dict[str, Any], knobs: dict[str, Any],

@@ -22,8 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from harness import bench_config, knobs_of, parser, start, write_records
+from harness import bench_config, knobs_of, parser, start, write_mnist_subset, write_records
 
 from mapa_vae.training.loop import train
 
@@ -39,13 +38,6 @@ PUBLISHED: dict[tuple[str, int, tuple[int, ...]], str] = {
 }
 
 ESTIMATORS = (("nvil", 1), ("vimco", 5), ("vimco", 50), ("reinforce", 1))
-
-
-def _subset(src: Path, n_train: int, n_test: int, out: Path) -> Path:
-    with np.load(src, allow_pickle=False) as d:
-        np.savez(out, train=d["train"][:n_train], valid=d["valid"][: max(n_test // 2, 100)],
-                 test=d["test"][:n_test])
-    return out
 
 
 def last_train_bound(history: list[dict[str, Any]], chosen: int = 0) -> float:
@@ -85,7 +77,9 @@ def main() -> None:
     knobs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.mnist.exists():
-            data = str(_subset(args.mnist, args.n_train, args.n_test, Path(tmp) / "mnist.npz"))
+            data = str(Path(tmp) / "mnist.npz")
+            write_mnist_subset(args.mnist, Path(data), args.n_train, max(args.n_test // 2, 100),
+                               args.n_test)
             where = f"binarized MNIST (first {args.n_train} train / {args.n_test} test rows)"
         else:
             data, where = "sprites-binary", "sprites-binary (binarized MNIST file absent)"

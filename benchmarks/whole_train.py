@@ -51,9 +51,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from harness import parser, start, write_records
+from harness import parser, start, write_mnist_subset, write_records
 
 from mapa_vae.data.loading import load_dataset
 from mapa_vae.registry import METHODS
@@ -67,28 +66,6 @@ after it (the evaluation, then writing the run: its files and the curves' plot, 
 
 _MARKS = {"finalizing the model": 1, "evaluating on": 2}
 """Text of the run's announcement lines (``training/loop.py``) and the phase each one starts."""
-
-
-def write_subset(src: Path | None, dest: Path, n_train: int, n_val: int, n_test: int,
-                 seed: int = 0) -> None:
-    """The first ``n_*`` rows of each split of the binarized-MNIST ``src`` as a packed ``.npz``
-    at ``dest`` (``src`` None: random 0/1 images, for ``--tiny``)."""
-    sizes = {"train": n_train, "valid": n_val, "test": n_test}
-    if src is None:
-        rng = np.random.default_rng(seed)
-        out = {k: np.packbits(rng.random((n, 784)) < 0.2, axis=1) for k, n in sizes.items()}
-    else:
-        try:
-            data = np.load(src, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--data {src}: not a readable .npz file ({e})") from None
-        out = {}
-        for k, n in sizes.items():
-            if k not in data or data[k].shape[0] < n:
-                have = data[k].shape[0] if k in data else 0
-                raise SystemExit(f"--data {src}: needs {n} rows of {k!r}, has {have}")
-            out[k] = data[k][:n]
-    np.savez(dest, train=out["train"], valid=out["valid"], test=out["test"])
 
 
 class _Watch:
@@ -260,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     records = []
     with tempfile.TemporaryDirectory(prefix="whole-train-") as tmp:
         npz = Path(tmp) / f"mnist{args.n_train}.npz"
-        write_subset(None if args.tiny else Path(args.data), npz, args.n_train, args.n_val,
+        write_mnist_subset(None if args.tiny else Path(args.data), npz, args.n_train, args.n_val,
                      args.n_test, args.seed)
         runs = {"mapa": ["--method", "mapa", "--epochs", str(args.mapa_epochs), *mapa_knobs],
                 f"iwae{args.iwae_samples}": [
