@@ -165,8 +165,8 @@ def main() -> None:
             for name, model, data in items:
                 data = Dataset(data.name, data.train, data.val[: args.n_val], data.test[: args.n_test])
                 t = time.perf_counter()
-                for split in (data.val, data.test):
-                    estimate_log_likelihood(model, split, samples=samples, train=data.train, progress=False)
+                estimate_log_likelihood(model, torch.cat([data.test, data.val]), samples=samples,
+                                        train=data.train, progress=False)  # as train: one call
                 timing[name].append(time.perf_counter() - t)
         for name, seconds in timing.items():
             if seconds:
