@@ -66,7 +66,7 @@ from mapa_vae.models.latent import LatentVariableModel
 VARIANTS = ("S20-k2-lr3e-3", "S10-k2-lr3e-3", "S5-k2-lr3e-3", "S1-k2-lr3e-3", "S20-k1-lr3e-3",
             "S20-k2-b50-lr3e-3", "S20-k2-lr1e-2", "S0-k1-lr3e-3", "S20-k2-lr3e-3-s1")
 _NAME = re.compile(r"S(\d+)-k(\d+)(?:-b(\d+))?(?:-lr([0-9.]+e-\d+|[0-9.]+))?(?:-ppl([0-9.]+))?"
-                   r"(?:-s(\d+))?$")
+                   r"(-loo)?(?:-s(\d+))?$")
 
 
 def variant_config(name: str, common: dict[str, Any], prior_steps: int) -> TrainConfig:
@@ -74,11 +74,12 @@ def variant_config(name: str, common: dict[str, Any], prior_steps: int) -> Train
     m = _NAME.match(name)
     if m is None:
         raise SystemExit(f"--variants: cannot read {name!r} (e.g. S20-k2-b50-lr3e-3-ppl5)")
-    s, k, b, lr, ppl, seed = m.groups()
+    s, k, b, lr, ppl, loo, seed = m.groups()
     knobs = {**common, "seed": int(seed) if seed else common["seed"]}
     return bench_config(method="mapa", samples=int(s), k=int(k), batch_size=int(b or 100),
                         lr=float(lr or 1e-3), kernel_perplexity=float(ppl) if ppl else None,
-                        code_prior="flow", code_prior_steps=prior_steps, rho=0.9, **knobs)
+                        code_prior="flow", code_prior_steps=prior_steps, rho=0.9,
+                        posterior="kernel-loo" if loo else "kernel", **knobs)
 
 
 def whole_epochs(steps: int, batch_size: int, n: int) -> int:
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
         diff = (paired(per_image[-1], per_image[0], args.variants[0])
                 if cfg.method == "mapa" and scorer is not None else {})
-        records.append({"variant": name, **knobs_of(cfg, "k", "kernel_perplexity"),
+        records.append({"variant": name, **knobs_of(cfg, "k", "kernel_perplexity", "posterior"),
                         "setup_seconds": setup, **points[-1], **diff})
         write_records(args.json, "image_settings", info, knobs, records)  # so far: a stop keeps it
     print("| variant | steps | epochs | training s | steps per s | prior fit s | test log-lik | "

@@ -49,7 +49,7 @@ from mapa_vae.methods.base import Architecture
 from mapa_vae.methods.mapa import IMAGE_DEFAULTS
 from mapa_vae.models.latent import CodeEncoder, LatentVariableModel
 from mapa_vae.models.likelihoods import BernoulliLikelihood
-from mapa_vae.registry import BATCHINGS, METHODS
+from mapa_vae.registry import BATCHINGS, METHODS, POSTERIORS
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 """``cpu``: this process's CPU seconds, all its threads together: with ``--threads 1`` what the
@@ -200,7 +200,8 @@ def method_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     base = {"batch_size": args.batch_size, "lr": args.lr, **common}
     mapa = {"samples": args.mapa_samples, "k": args.mapa_k, "batch_size": args.mapa_batch_size,
             "lr": args.mapa_lr, "code_prior": args.code_prior,
-            "code_prior_steps": args.code_prior_steps, "rho": args.rho, **common}
+            "code_prior_steps": args.code_prior_steps, "rho": args.rho,
+            "posterior": args.mapa_posterior, **common}
     runs = {"iwae5": bench_config(method="iwae", samples=5, **base),
             "iwae50": bench_config(method="iwae", samples=50, **base),
             "vae": bench_config(method="vae", samples=1, **base),
@@ -263,6 +264,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mapa-k", type=int, default=IMAGE_DEFAULTS["k"], help="MAPA's k")
     p.add_argument("--mapa-batch-size", type=int, default=IMAGE_DEFAULTS["batch_size"])
     p.add_argument("--mapa-lr", type=float, default=IMAGE_DEFAULTS["lr"])
+    p.add_argument("--mapa-posterior", choices=list(POSTERIORS),
+                   default=IMAGE_DEFAULTS.get("posterior", "kernel"), help="MAPA's q(i | n)")
     p.add_argument("--rho", type=float, default=0.9, help="MAPA's Bernoulli kernel softening")
     p.add_argument("--code-prior", default="flow", help="MAPA's code prior")
     p.add_argument("--code-prior-steps", type=int, default=2000, help="its fit's step limit")

@@ -16,6 +16,7 @@ from mapa_vae.evaluation.likelihood import quadrature_log_likelihood
 from mapa_vae.evaluation.sbn import exact_log_likelihood
 from mapa_vae.inference.exact import compute_posterior
 from mapa_vae.inference.objectives import ELBO, IWAE, MAPA, Autoencoder, EmpiricalLogLikelihood, Objective
+from mapa_vae.inference.posterior import leave_one_out
 from mapa_vae.kernels import GaussianKernel
 from mapa_vae.methods import Architecture
 from mapa_vae.models.index_proposal import IndexProposalNet
@@ -291,3 +292,29 @@ def test_bernoulli_mapa_bound_is_the_same_with_reuse(monkeypatch):
     exact = EmpiricalLogLikelihood(atoms)(model, atoms[index]).value
     mean, se = expected_bound(reuse, model, atoms[index], index, 200)
     assert bool((mean <= exact + 4 * se + 1e-9).all())
+
+
+def test_leave_one_out_mapa_is_the_exact_leave_one_out_sum_and_a_bound(mapa_model, circle_data, posterior):
+    """With ``q(n | n)`` removed (``--posterior kernel-loo``), ``k = N - 1, S = 0`` gives
+    ``log Σ_{i≠n} p(x_n | f(g(x_i))) - log N`` exactly, below the empiricalized log-likelihood;
+    on a sparse table the rows stay normalized and tail draws never land on ``n``."""
+    index = torch.arange(0, N_ATOMS, 9)
+    x = circle_data[index]
+    got = MAPA(leave_one_out(posterior), circle_data, k=N_ATOMS - 1, samples=0)(mapa_model, x, index).value
+    with torch.no_grad():
+        params = mapa_model.decoder.net(mapa_model.encoder(circle_data))  # (N, D)
+        pairs = mapa_model.decoder.likelihood.pairwise_log_prob(params, x)  # (B, N)
+        pairs[torch.arange(index.numel()), index] = -math.inf
+    torch.testing.assert_close(got, torch.logsumexp(pairs, -1) - math.log(N_ATOMS), rtol=0, atol=1e-10)
+    exact = EmpiricalLogLikelihood(circle_data)(mapa_model, x).value
+    assert (got < exact).all()
+    sparse = leave_one_out(compute_posterior(circle_data, GaussianKernel(0.5), top_k=30))
+    mass = torch.logaddexp(torch.logsumexp(sparse.log_q, -1), sparse.log_rest)
+    torch.testing.assert_close(mass, torch.zeros_like(mass), rtol=0, atol=1e-12)
+    rows = torch.arange(N_ATOMS)
+    assert (sparse.top(rows, 1)[:, 0] != rows).all()  # B_n(1): the nearest other point
+    drawn, _ = sparse.sample_tail(rows, 1, 400, torch.Generator().manual_seed(0))  # (N, 400)
+    assert not (drawn == rows[:, None]).any()
+    gen = torch.Generator().manual_seed(3)
+    m, se = expected_bound(MAPA(sparse, circle_data, 1, 20, generator=gen), mapa_model, x, index, 200)
+    assert (m <= exact + 4 * se + 1e-9).all()

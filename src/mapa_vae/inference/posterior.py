@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..errors import MapaError
 
-__all__ = ["MapaPosterior", "default_top_k", "resolve_top_k", "uniform_posterior"]
+__all__ = ["MapaPosterior", "default_top_k", "leave_one_out", "resolve_top_k", "uniform_posterior"]
 
 
 CACHE_FORMAT = 1
@@ -164,6 +164,30 @@ class MapaPosterior:
         out = torch.full((self.n_points, self.n_points), -math.inf, dtype=self.log_q.dtype)
         return out.scatter_(1, self.index, self.log_q)
 
+
+
+def leave_one_out(post: MapaPosterior) -> MapaPosterior:
+    """``q(i | n)`` with ``i = n`` removed and the rest renormalized: ``B_n(k)`` becomes the ``k``
+    nearest *other* points.
+
+    The point itself moves from column 0 to the last column with ``log q = -inf``, so it is still
+    "stored" (never drawn from the leftover mass, which stays on the ``N - K`` unstored indices)
+    but has no mass. Any proposal gives a lower bound on the empiricalized log-likelihood (a term
+    left out of Eq. 6's sum only lowers it), so MAPA with this ``q`` still bounds ``log p(x_n)``,
+    now by how well the *other* atoms explain ``x_n``: the leave-one-out likelihood that chooses
+    a kernel density's bandwidth, here training the decoder to be smooth between codes.
+
+    >>> post = leave_one_out(uniform_posterior(4))
+    >>> post.index[1].tolist(), [round(v, 4) for v in post.log_q[1].exp().tolist()]
+    ([2, 3, 0, 1], [0.3333, 0.3333, 0.3333, 0.0])
+    """
+    if post.top_k < 2:
+        raise MapaError("a leave-one-out posterior needs at least 2 stored neighbours per point")
+    others = post.log_q[:, 1:]  # (N, K-1)
+    log_norm = torch.logaddexp(torch.logsumexp(others, -1), post.log_rest)  # (N,): 1 - q(n | n)
+    log_q = torch.cat([others - log_norm[:, None], torch.full_like(post.log_q[:, :1], -math.inf)], 1)
+    index = torch.cat([post.index[:, 1:], post.index[:, :1]], 1)
+    return MapaPosterior(log_q, index, post.log_rest - log_norm)
 
 
 def uniform_posterior(n: int, top_k: int | None = None, dtype: torch.dtype = torch.float64) -> MapaPosterior:

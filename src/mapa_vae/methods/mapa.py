@@ -29,7 +29,7 @@ from ..inference.cache import cached_posterior
 from ..inference.exact import ground_truth_posterior
 from ..inference.learned_proposal import LearnedMAPA
 from ..inference.objectives import MAPA, EmpiricalLogLikelihood, Objective
-from ..inference.posterior import MapaPosterior, uniform_posterior
+from ..inference.posterior import MapaPosterior, leave_one_out, uniform_posterior
 from ..inference.score_function import SIGNALS
 from ..inference.tails import make_tail
 from ..kernels import BernoulliKernel, calibrate_rho
@@ -78,6 +78,14 @@ def kernel_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig
         kernel = BernoulliKernel(calibrate_rho(train, cfg.kernel_perplexity, seed=cfg.seed))
     return cached_posterior(train, kernel, cfg.cache_path, cfg.top_k, device=train.device,
                             engine=cfg.posterior_engine)[0]  # computed where training runs
+
+
+@POSTERIORS.register("kernel-loo")
+def kernel_loo_posterior(model: LatentVariableModel, train: Tensor, cfg: TrainConfig,
+                         data: Dataset | None) -> MapaPosterior:
+    """The kernel posterior with each point's own index removed (:func:`leave_one_out`):
+    ``B_n(k)`` is the ``k`` nearest other points and the tail the rest."""
+    return leave_one_out(kernel_posterior(model, train, cfg, data))
 
 
 @POSTERIORS.register("uniform")
