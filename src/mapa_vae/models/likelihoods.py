@@ -213,10 +213,11 @@ class BernoulliLikelihood(_UnitIntervalLikelihood):
         >>> torch.allclose(lik.log_prob(l, x), lik(l).log_prob(x))
         True
         """
+        x = x.to(params.dtype)
         if x.dim() == 2 and params.dim() >= 2 and params.shape[-2:] == x.shape:
             dot = torch.einsum("nbd,bd->nb", params.reshape(-1, *x.shape), x).reshape(params.shape[:-1])
         else:
-            dot = torch.linalg.vecdot(params, x.to(params.dtype))
+            dot = torch.linalg.vecdot(params, x)
         return dot - F.softplus(params).sum(-1)
 
     def pairwise_log_prob(self, params: Tensor, x: Tensor) -> Tensor:
