@@ -43,21 +43,23 @@ from .base import Architecture, Method
 
 __all__ = ["IMAGE_DEFAULTS", "LearnedPosterior", "MapaMethod", "PosteriorFactory"]
 
-IMAGE_DEFAULTS: dict[str, Any] = {"samples": 0, "k": 1, "batch_size": 100, "lr": 3e-3}
+IMAGE_DEFAULTS: dict[str, Any] = {"samples": 0, "k": 1, "batch_size": 100, "lr": 1e-3}
 """MAPA's settings for binary images (a Bernoulli likelihood), by measurement
 (``benchmarks/time_to_quality.py`` and ``benchmarks/image_settings.py``, docs/results.md
 "Images: time to quality and MAPA's settings"): ``k = 1, S = 0``, the limit of Eq. 10 that the
-paper names the autoencoder loss (Eq. 14), batch 100, Adam 3e-3. On images the kernel posterior
+paper names the autoencoder loss (Eq. 14), batch 100, Adam 1e-3. On images the kernel posterior
 is a point mass on ``n`` itself (``q(n | n) ≥ 1 - 2.4e-7`` on MNIST), so ``B_n(1)`` is the image
 and the tail is worth 0.004 nats at the median point; a tail draw (S = 1) costs a second network
-pass per point. At 15 CPU minutes on all 50 000 training images, S = 0 scored above S = 1, k = 1
-at every checkpoint, on MNIST by 2.9-4.3 nats (-123.86 against -127.66 at 900 s; the VAE -123.67)
-and on sprites-binary by 1.5-2.6 (-36.21 against -38.15; the VAE -34.33); at 120 s on 10 000
-MNIST images the two were level over two seeds (+1.7 and -0.7). Before that, S = 1, k = 1 had
-beaten S = 20, k = 2 (+2.8 nats paired at 60 s on MNIST 10 000) and S = 100, k = 10 (+24);
-Adam 1e-2 lost 9 nats, batch 50 was level. ``train`` keeps the best weights by validation, which
-guards the small sets where cheap epochs overfit (1000 digits). ``mapa-vae train`` uses each one
-that no flag sets (``--samples 1`` keeps a tail draw); the paper's curves (Gaussian) keep the
+pass per point. At 15 CPU minutes on all 50 000 training images, S = 0 with Adam 3e-3 scored
+above S = 1, k = 1 at every checkpoint (MNIST by 2.9-4.3 nats, sprites-binary by 1.5-2.6), and
+Adam 1e-3 above 3e-3 (MNIST by 2.0-2.9, -121.61 against -123.86 at 900 s; sprites by 1.6-3.8,
+-32.88 against -36.21; +3.7 ± 0.3 paired at 180 s on sprites): above the VAE at every
+checkpoint on both (-123.67 and -34.33 at 900 s). Its first epoch is far worse (-202 against
+-169 on MNIST); by 5 epochs it has caught up. Earlier, S = 1, k = 1 had beaten S = 20, k = 2
+(+2.8 nats paired at 60 s on MNIST 10 000), which with Adam 3e-3 had beaten Adam 1e-3 by 9 nats
+at 60 s; batch 50 was level. ``train`` keeps the best weights by validation, which guards the
+small sets where cheap epochs overfit (1000 digits). ``mapa-vae train`` uses each one that no
+flag sets (``--samples 1`` keeps a tail draw); the paper's curves (Gaussian) keep the
 :class:`~mapa_vae.config.TrainConfig` defaults."""
 
 PosteriorFactory = Callable[[LatentVariableModel, Tensor, TrainConfig, "Dataset | None"], MapaPosterior]
