@@ -201,7 +201,7 @@ def timed_steps(model: LatentVariableModel, objective: Objective, x: torch.Tenso
 
 
 def write_mnist_subset(src: Path | None, dest: Path, n_train: int, n_val: int, n_test: int,
-                 seed: int = 0) -> None:
+                       seed: int = 0) -> None:
     """The first ``n_*`` rows of each split of the binarized-MNIST ``src`` as a packed ``.npz``
     at ``dest`` (``src`` None: random 0/1 images, for ``--tiny``)."""
     sizes = {"train": n_train, "valid": n_val, "test": n_test}
