@@ -341,7 +341,8 @@ def report(args: argparse.Namespace, info: dict[str, Any], knobs: dict[str, Any]
     if args.json or args.png:
         mapa = knobs.get("mapa", {})
         plot(curves, summary, args, result["data"], result["n_train"],
-             f"MAPA (S={mapa.get('samples')}, k={mapa.get('k')}, code prior on its clock)")
+             f"MAPA (S={mapa.get('samples')}, k={mapa.get('k')}, Adam {mapa.get('lr')}, "
+             "code prior on its clock)")
     return {**result, "curves": curves}
 
 
